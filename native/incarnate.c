@@ -1,0 +1,760 @@
+/*
+ * pytest-incarnate native core.
+ *
+ * Two sides:
+ *   parent side (normal code): pipes, clone, id maps, the go byte, reading the error pipe;
+ *   child side (only raw system calls, see child_*): wait for go, run the ordered ops,
+ *   become the pid-1 init if asked, and exec the payload or return into it.
+ *
+ * The child never allocates, never formats text and never calls stdio or strerror: every
+ * string it uses was prepared by the caller.  Failures travel to the parent as a fixed
+ * record (step, errno, op index) over a close-on-exec pipe; EOF without a record means the
+ * payload was reached (exec succeeded, or in enter mode the payload closed its end).
+ */
+#define _GNU_SOURCE
+#include "incarnate.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef OPEN_TREE_CLOEXEC
+#define OPEN_TREE_CLOEXEC O_CLOEXEC
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef MOVE_MOUNT_T_EMPTY_PATH
+#define MOVE_MOUNT_T_EMPTY_PATH 0x00000040
+#endif
+#ifndef MOUNT_ATTR_RDONLY
+#define MOUNT_ATTR_RDONLY 0x00000001
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+#define KSIGSET_SIZE 8   /* the kernel's sigset size on Linux */
+
+struct inc_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+};
+
+struct inc_mount_attr {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+/* What the child writes into the error pipe. */
+struct inc_record {
+    int32_t step;
+    int32_t err;
+    int32_t op_index;
+    int32_t pad;
+};
+
+/* Child context: file descriptors the child side needs. */
+struct inc_child {
+    int sync_r;      /* go byte from the parent */
+    int err_w;       /* error records, close-on-exec */
+    int status_w;    /* init -> monitor/parent: the payload's wait status */
+    sigset_t oldmask;
+};
+
+/* ------------------------------------------------------------------ child side ---- */
+/* Only async-signal-safe code below, up to the parent side marker. */
+
+static size_t c_strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+static void c_write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+}
+
+static void child_fail(const struct inc_child *cx, int step, int err, int op_index)
+{
+    struct inc_record rec;
+    rec.step = step;
+    rec.err = err ? err : EINVAL;
+    rec.op_index = op_index;
+    rec.pad = 0;
+    c_write_all(cx->err_w, &rec, sizeof rec);
+    _exit(127);
+}
+
+/* Open path (absolute, relative to the current root) component by component without
+ * following any symlink; with create, make missing directories, and make the last
+ * component a directory (want_dir) or an empty file.  Returns an O_PATH fd or -1. */
+static int child_resolve(const char *path, int create, int want_dir)
+{
+    char buf[4096];
+    size_t len = c_strlen(path);
+    if (len == 0 || len >= sizeof buf || path[0] != '/') {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(buf, path, len + 1);
+    int dirfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return -1;
+    char *p = buf;
+    while (*p == '/')
+        p++;
+    if (*p == '\0')
+        return dirfd;
+    for (;;) {
+        char *comp = p;
+        while (*p && *p != '/')
+            p++;
+        int last = 1;
+        if (*p == '/') {
+            *p++ = '\0';
+            while (*p == '/')
+                p++;
+            last = (*p == '\0');
+        }
+        int flags = O_PATH | O_NOFOLLOW | O_CLOEXEC | (last ? 0 : O_DIRECTORY);
+        int fd = openat(dirfd, comp, flags);
+        if (fd < 0 && errno == ENOENT && create) {
+            int r;
+            if (!last || want_dir) {
+                r = mkdirat(dirfd, comp, 0755);
+            } else {
+                r = openat(dirfd, comp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+                if (r >= 0)
+                    r = close(r);
+            }
+            if (r < 0 && errno != EEXIST) {
+                int e = errno;
+                close(dirfd);
+                errno = e;
+                return -1;
+            }
+            fd = openat(dirfd, comp, flags);
+        }
+        int e = errno;
+        close(dirfd);
+        if (fd < 0) {
+            errno = (e == ENOTDIR) ? ELOOP : e;   /* a symlink where a directory was needed */
+            return -1;
+        }
+        struct stat st;
+        if (fstat(fd, &st) < 0) {
+            e = errno;
+            close(fd);
+            errno = e;
+            return -1;
+        }
+        if (S_ISLNK(st.st_mode)) {
+            close(fd);
+            errno = ELOOP;
+            return -1;
+        }
+        if (last)
+            return fd;
+        dirfd = fd;
+    }
+}
+
+static int child_ensure(const char *path, int create, int want_dir)
+{
+    int fd = child_resolve(path, create, want_dir);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    return 0;
+}
+
+static int child_bind(const struct inc_op *op)
+{
+    int rec = (op->flags & INC_BIND_REC) ? AT_RECURSIVE : 0;
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, op->a, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+    if (tree < 0 && errno == ENOSYS) {
+        /* Old kernel: classic bind, read-only applied to the top mount only. */
+        struct stat st;
+        if (stat(op->a, &st) < 0)
+            return -1;
+        if (child_ensure(op->b, op->flags & INC_BIND_CREATE, S_ISDIR(st.st_mode)) < 0)
+            return -1;
+        unsigned long f = MS_BIND | ((op->flags & INC_BIND_REC) ? MS_REC : 0);
+        if (mount(op->a, op->b, NULL, f, NULL) < 0)
+            return -1;
+        if (op->flags & INC_BIND_RO)
+            return mount(NULL, op->b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL);
+        return 0;
+    }
+    if (tree < 0)
+        return -1;
+    int e;
+    struct stat st;
+    if (fstat(tree, &st) < 0)
+        goto fail;
+    if (op->flags & INC_BIND_RO) {
+        struct inc_mount_attr attr;
+        memset(&attr, 0, sizeof attr);
+        attr.attr_set = MOUNT_ATTR_RDONLY;
+        if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | rec, &attr, sizeof attr) < 0)
+            goto fail;
+    }
+    int target = child_resolve(op->b, op->flags & INC_BIND_CREATE, S_ISDIR(st.st_mode));
+    if (target < 0)
+        goto fail;
+    if (syscall(SYS_move_mount, tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0) {
+        e = errno;
+        close(target);
+        close(tree);
+        errno = e;
+        return -1;
+    }
+    close(target);
+    close(tree);
+    return 0;
+fail:
+    e = errno;
+    close(tree);
+    errno = e;
+    return -1;
+}
+
+static int child_remount_ro(const char *path)
+{
+    struct inc_mount_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = MOUNT_ATTR_RDONLY;
+    if (syscall(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr) == 0)
+        return 0;
+    if (errno != ENOSYS)
+        return -1;
+    return mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL);
+}
+
+static int child_loopback(void)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_name[0] = 'l';
+    ifr.ifr_name[1] = 'o';
+    int r = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (r == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        r = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int e = errno;
+    close(s);
+    errno = e;
+    return r;
+}
+
+static int child_stage(const char *base)
+{
+    if (mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
+        return -1;
+    if (chdir(base) < 0)
+        return -1;
+    if (mkdir("newroot", 0755) < 0 || mkdir("oldroot", 0755) < 0)
+        return -1;
+    if (syscall(SYS_pivot_root, ".", "oldroot") < 0)
+        return -1;
+    return chdir("/");
+}
+
+static int child_pivot(const char *newroot)
+{
+    if (chdir(newroot) < 0)
+        return -1;
+    if (syscall(SYS_pivot_root, ".", ".") < 0)
+        return -1;
+    if (umount2(".", MNT_DETACH) < 0)
+        return -1;
+    return chdir("/");
+}
+
+static int child_op(const struct inc_op *op)
+{
+    switch (op->kind) {
+    case INC_OP_HOSTNAME:
+        return sethostname(op->a, c_strlen(op->a));
+    case INC_OP_LOOPBACK:
+        return child_loopback();
+    case INC_OP_RPRIVATE:
+        return mount(NULL, op->a, NULL, MS_REC | MS_PRIVATE, NULL);
+    case INC_OP_TMPFS:
+        if (child_ensure(op->b, op->flags & INC_BIND_CREATE, 1) < 0)
+            return -1;
+        return mount("tmpfs", op->b, "tmpfs", MS_NOSUID | MS_NODEV, op->c);
+    case INC_OP_BIND:
+        return child_bind(op);
+    case INC_OP_OVERLAY:
+        if (child_ensure(op->b, op->flags & INC_BIND_CREATE, 1) < 0)
+            return -1;
+        return mount("overlay", op->b, "overlay", 0, op->c);
+    case INC_OP_PROC:
+        if (child_ensure(op->b, 0, 1) < 0)
+            return -1;
+        return mount("proc", op->b, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    case INC_OP_STAGE:
+        return child_stage(op->a);
+    case INC_OP_PIVOT:
+        return child_pivot(op->a);
+    case INC_OP_MKDIR:
+        if (mkdir(op->a, (mode_t)op->ival) < 0 && errno != EEXIST)
+            return -1;
+        return 0;
+    case INC_OP_CHDIR:
+        return chdir(op->a);
+    case INC_OP_UMASK:
+        umask((mode_t)op->ival);
+        return 0;
+    case INC_OP_NO_NEW_PRIVS:
+        return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    case INC_OP_SETSID:
+        return setsid() < 0 ? -1 : 0;
+    case INC_OP_DROP_PRIVS:
+        if ((op->flags & INC_DROP_SETGROUPS) && syscall(SYS_setgroups, 0, NULL) < 0)
+            return -1;
+        if (syscall(SYS_setresgid, op->gid, op->gid, op->gid) < 0)
+            return -1;
+        return (int)syscall(SYS_setresuid, op->uid, op->uid, op->uid);
+    case INC_OP_REMOUNT_RO:
+        return child_remount_ro(op->a);
+    default:
+        errno = EINVAL;
+        return -1;
+    }
+}
+
+static void child_init_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGCHLD);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+    sigaddset(set, SIGQUIT);
+    sigaddset(set, SIGUSR1);
+    sigaddset(set, SIGUSR2);
+}
+
+/* The pid-1 init: reap every child, forward signals to the payload, and when the payload
+ * ends, report its raw wait status and exit (the kernel then kills what is left). */
+static void child_init_loop(const struct inc_child *cx, pid_t payload)
+{
+    sigset_t set;
+    child_init_signals(&set);
+    for (;;) {
+        siginfo_t si;
+        int sig = (int)syscall(SYS_rt_sigtimedwait, &set, &si, NULL, KSIGSET_SIZE);
+        if (sig < 0)
+            continue;   /* EINTR */
+        if (sig != SIGCHLD) {
+            kill(payload, sig);
+            continue;
+        }
+        for (;;) {
+            int st = 0;
+            pid_t r = (pid_t)syscall(SYS_wait4, -1, &st, WNOHANG, NULL);
+            if (r <= 0)
+                break;
+            if (r == payload) {
+                int32_t rec = st;
+                c_write_all(cx->status_w, &rec, sizeof rec);
+                if (WIFEXITED(st))
+                    _exit(WEXITSTATUS(st));
+                _exit(128 + WTERMSIG(st));
+            }
+        }
+    }
+}
+
+static int child_close_fds(const struct inc_spec *spec)
+{
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+        for (int fd = 3; fd < 4096; fd++)
+            fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    for (int i = 0; i < spec->n_keep_fds; i++)
+        if (fcntl(spec->keep_fds[i], F_SETFD, 0) < 0)
+            return -1;
+    return 0;
+}
+
+static void child_exec(const struct inc_spec *spec, const struct inc_child *cx)
+{
+    if (spec->setsid_payload && setsid() < 0)
+        child_fail(cx, INC_STEP_SETSID, errno, -1);
+    int fds[3] = {spec->stdin_fd, spec->stdout_fd, spec->stderr_fd};
+    for (int i = 0; i < 3; i++) {
+        if (fds[i] >= 0 && fds[i] != i && dup2(fds[i], i) < 0)
+            child_fail(cx, INC_STEP_STDIO, errno, -1);
+    }
+    if (spec->close_fds && child_close_fds(spec) < 0)
+        child_fail(cx, INC_STEP_CLOSE_FDS, errno, -1);
+    execve(spec->exe, spec->argv, spec->envp);
+    child_fail(cx, INC_STEP_EXEC, errno, -1);
+}
+
+/* Runs in the cloned child.  Returns only in enter mode, in the payload. */
+static void child_main(const struct inc_spec *spec, struct inc_child *cx, int enter)
+{
+    if (spec->die_with_parent && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        child_fail(cx, INC_STEP_PDEATHSIG, errno, -1);
+    /* The go byte.  EOF here means the parent died or gave up (after PDEATHSIG was set,
+     * so this also closes the race where the parent died before prctl). */
+    char go = 0;
+    ssize_t n;
+    do {
+        n = read(cx->sync_r, &go, 1);
+    } while (n < 0 && errno == EINTR);
+    if (n != 1)
+        _exit(127);
+    close(cx->sync_r);
+
+    for (int i = 0; i < spec->n_ops; i++) {
+        if (child_op(&spec->ops[i]) < 0)
+            child_fail(cx, INC_STEP_OP, errno, i);
+    }
+
+    if ((spec->ns_flags & INC_NS_PID) && spec->use_init) {
+        sigset_t set;
+        child_init_signals(&set);
+        if (syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, &cx->oldmask, KSIGSET_SIZE) < 0)
+            child_fail(cx, INC_STEP_SIGMASK, errno, -1);
+        pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+        if (pid < 0)
+            child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
+        if (pid > 0) {
+            close(cx->err_w);       /* EOF for the parent once the payload is running */
+            child_init_loop(cx, pid);
+        }
+        /* the payload, pid 2 */
+        if (spec->die_with_parent)
+            prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        syscall(SYS_rt_sigprocmask, SIG_SETMASK, &cx->oldmask, NULL, KSIGSET_SIZE);
+    }
+    if (cx->status_w >= 0)
+        close(cx->status_w);
+
+    if (!enter) {
+        if (spec->argv == NULL)
+            _exit(0);   /* a trial: the ops were the point */
+        child_exec(spec, cx);
+    }
+    close(cx->err_w);
+}
+
+/* ----------------------------------------------------------------- parent side ---- */
+
+static pid_t parent_clone(const struct inc_spec *spec, int *pidfd, int *used3)
+{
+    *used3 = 0;
+    if (spec->use_clone3) {
+        struct inc_clone_args a;
+        memset(&a, 0, sizeof a);
+        a.flags = (uint64_t)(unsigned)spec->ns_flags | (spec->want_pidfd ? CLONE_PIDFD : 0);
+        a.pidfd = (uint64_t)(uintptr_t)pidfd;
+        a.exit_signal = SIGCHLD;
+        long r = syscall(SYS_clone3, &a, sizeof a);
+        if (r >= 0 || errno != ENOSYS) {
+            *used3 = 1;
+            return (pid_t)r;
+        }
+    }
+    unsigned long f = (unsigned long)(unsigned)spec->ns_flags | SIGCHLD | (spec->want_pidfd ? CLONE_PIDFD : 0);
+    return (pid_t)syscall(SYS_clone, f, 0, spec->want_pidfd ? pidfd : NULL, NULL, 0);
+}
+
+static int parent_write_file(pid_t pid, const char *name, const char *data)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = strlen(data);
+    ssize_t w = write(fd, data, len);
+    int e = errno;
+    close(fd);
+    if (w < 0) {
+        errno = e;
+        return -1;
+    }
+    if ((size_t)w != len) {
+        errno = EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static int parent_id_maps(const struct inc_spec *spec, pid_t pid, struct inc_result *res)
+{
+    if (!(spec->ns_flags & INC_NS_USER))
+        return 0;
+    if (spec->setgroups_deny && parent_write_file(pid, "setgroups", "deny") < 0) {
+        res->step = INC_STEP_SETGROUPS;
+        return -1;
+    }
+    if (spec->uid_map && parent_write_file(pid, "uid_map", spec->uid_map) < 0) {
+        res->step = INC_STEP_UID_MAP;
+        return -1;
+    }
+    if (spec->gid_map && parent_write_file(pid, "gid_map", spec->gid_map) < 0) {
+        res->step = INC_STEP_GID_MAP;
+        return -1;
+    }
+    return 0;
+}
+
+static void close_if(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static void parent_reap(pid_t pid)
+{
+    int st;
+    kill(pid, SIGKILL);
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+}
+
+/* Read one error record; returns 1 if one came, 0 on EOF, -1 on error. */
+static int parent_read_record(int fd, struct inc_record *rec)
+{
+    size_t got = 0;
+    while (got < sizeof *rec) {
+        ssize_t n = read(fd, (char *)rec + got, sizeof *rec - got);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            return got == 0 ? 0 : -1;
+        got += (size_t)n;
+    }
+    return 1;
+}
+
+/* Common start: pipes, clone, maps, go, wait for the child to reach its payload.
+ * Returns 1 in the child (enter mode, payload), 0 in the parent on success, -1 on error. */
+static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
+{
+    int sync[2] = {-1, -1}, errp[2] = {-1, -1}, statp[2] = {-1, -1};
+    int with_init = (spec->ns_flags & INC_NS_PID) && spec->use_init;
+    res->step = 0;
+    res->err = 0;
+    res->op_index = -1;
+    res->pid = -1;
+    res->pidfd = -1;
+    res->status_fd = -1;
+    res->used_clone3 = 0;
+
+    if (pipe2(sync, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || (with_init && pipe2(statp, O_CLOEXEC) < 0)) {
+        res->step = INC_STEP_PIPE;
+        res->err = errno;
+        goto fail_pipes;
+    }
+
+    int pidfd = -1, used3 = 0;
+    pid_t pid = parent_clone(spec, &pidfd, &used3);
+    if (pid < 0) {
+        res->step = INC_STEP_CLONE;
+        res->err = errno;
+        goto fail_pipes;
+    }
+    if (pid == 0) {
+        struct inc_child cx;
+        close(sync[1]);
+        close(errp[0]);
+        if (statp[0] >= 0)
+            close(statp[0]);
+        cx.sync_r = sync[0];
+        cx.err_w = errp[1];
+        cx.status_w = statp[1];
+        child_main(spec, &cx, enter);
+        return 1;   /* enter mode only: the payload */
+    }
+
+    res->pid = pid;
+    res->pidfd = pidfd;
+    res->used_clone3 = used3;
+    close_if(&sync[0]);
+    close_if(&errp[1]);
+    close_if(&statp[1]);
+
+    if (parent_id_maps(spec, pid, res) < 0) {
+        res->err = errno;
+        goto fail_child;
+    }
+    ssize_t w;
+    do {
+        w = write(sync[1], "g", 1);
+    } while (w < 0 && errno == EINTR);
+    if (w != 1) {
+        res->step = INC_STEP_SYNC;
+        res->err = errno;
+        goto fail_child;
+    }
+    close_if(&sync[1]);
+
+    struct inc_record rec;
+    int r = parent_read_record(errp[0], &rec);
+    if (r != 0) {
+        if (r < 0) {
+            res->step = INC_STEP_SYNC;
+            res->err = errno ? errno : EIO;
+        } else {
+            res->step = rec.step;
+            res->err = rec.err;
+            res->op_index = rec.op_index;
+        }
+        goto fail_child;
+    }
+    close_if(&errp[0]);
+    res->status_fd = statp[0];
+    return 0;
+
+fail_child:
+    parent_reap(pid);
+    if (res->pidfd >= 0)
+        close(res->pidfd);
+    res->pidfd = -1;
+    res->pid = -1;
+fail_pipes:
+    close_if(&sync[0]);
+    close_if(&sync[1]);
+    close_if(&errp[0]);
+    close_if(&errp[1]);
+    close_if(&statp[0]);
+    close_if(&statp[1]);
+    return -1;
+}
+
+int inc_spawn(const struct inc_spec *spec, struct inc_result *res)
+{
+    return start(spec, res, 0) < 0 ? -1 : 0;
+}
+
+int inc_status_size(void)
+{
+    return (int)sizeof(int32_t);
+}
+
+/* The monitor: the process that called inc_enter, once the sandbox runs.  It waits, then
+ * leaves with the payload's status: the same exit code, or death by the same signal. */
+static void monitor(struct inc_result *res)
+{
+    int st = 0;
+    while (waitpid(res->pid, &st, 0) < 0) {
+        if (errno != EINTR)
+            _exit(125);
+    }
+    if (res->status_fd >= 0) {
+        int32_t rec;
+        ssize_t n;
+        do {
+            n = read(res->status_fd, &rec, sizeof rec);
+        } while (n < 0 && errno == EINTR);
+        if (n == (ssize_t)sizeof rec)
+            st = rec;
+    }
+    if (WIFSIGNALED(st)) {
+        int sig = WTERMSIG(st);
+        struct rlimit nocore = {0, 0};
+        setrlimit(RLIMIT_CORE, &nocore);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        sigaction(sig, &sa, NULL);
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, sig);
+        sigprocmask(SIG_UNBLOCK, &set, NULL);
+        kill(getpid(), sig);
+        _exit(128 + sig);
+    }
+    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 125);
+}
+
+int inc_enter(const struct inc_spec *spec, struct inc_result *res)
+{
+    if (spec->expect_ppid > 0) {
+        /* The monitor dies with its parent (pytest), and the sandbox with the monitor. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != spec->expect_ppid)
+            _exit(125);
+    }
+    int r = start(spec, res, 1);
+    if (r == 1) {
+        /* the payload */
+        res->step = 0;
+        res->pid = -1;
+        res->pidfd = -1;
+        res->status_fd = -1;
+        return 0;
+    }
+    if (r < 0)
+        return -1;
+    if (res->pidfd >= 0)
+        close(res->pidfd);
+    monitor(res);
+    return -1; /* not reached */
+}

@@ -1,0 +1,137 @@
+/*
+ * pytest-incarnate native core: the C API.
+ *
+ * Everything the child needs is prepared by the caller (Python) in the parent: a flat
+ * spec with an ordered list of operations whose strings are already formatted and
+ * NUL-terminated.  Between clone and exec/_exit the child only makes raw system calls:
+ * no allocation, no stdio, no strerror.
+ *
+ * A failure anywhere is returned as data: (step, errno, op index), never as an exit of
+ * the caller's process.
+ */
+#ifndef INCARNATE_H
+#define INCARNATE_H
+
+#include <stdint.h>
+
+/* Namespaces, the same bits as the kernel's CLONE_NEW* flags. */
+#define INC_NS_CGROUP 0x02000000
+#define INC_NS_UTS    0x04000000
+#define INC_NS_IPC    0x08000000
+#define INC_NS_USER   0x10000000
+#define INC_NS_PID    0x20000000
+#define INC_NS_NET    0x40000000
+#define INC_NS_MOUNT  0x00020000
+
+/* Child operations, executed in order after the parent's go. */
+enum inc_op_kind {
+    INC_OP_HOSTNAME = 1,   /* a = hostname */
+    INC_OP_LOOPBACK,       /* bring up lo */
+    INC_OP_RPRIVATE,       /* a = path (normally "/"): MS_REC|MS_PRIVATE */
+    INC_OP_TMPFS,          /* a = target, b = mount data ("mode=0755,size=..."), flags = mount flags */
+    INC_OP_BIND,           /* a = source, b = target; flags: INC_BIND_* */
+    INC_OP_OVERLAY,        /* b = target, c = mount data ("lowerdir=...,upperdir=...,workdir=...") */
+    INC_OP_PROC,           /* b = target */
+    INC_OP_STAGE,          /* a = base dir: tmpfs on it, pivot into it, old root at /oldroot */
+    INC_OP_PIVOT,          /* a = new root: pivot_root(".", ".") there, old root detached */
+    INC_OP_MKDIR,          /* a = path, ival = mode */
+    INC_OP_CHDIR,          /* a = path */
+    INC_OP_UMASK,          /* ival = mask */
+    INC_OP_NO_NEW_PRIVS,
+    INC_OP_SETSID,
+    INC_OP_DROP_PRIVS,     /* uid, gid; flags & INC_DROP_SETGROUPS: clear supplementary groups */
+    INC_OP_REMOUNT_RO,     /* a = path, recursive */
+    INC_OP__MAX
+};
+
+/* INC_OP_BIND flags */
+#define INC_BIND_RO      0x1   /* read-only, recursively */
+#define INC_BIND_CREATE  0x2   /* create the target (and its parents) if missing */
+#define INC_BIND_REC     0x4   /* recursive bind (submounts too) */
+#define INC_DROP_SETGROUPS 0x1
+
+struct inc_op {
+    int kind;
+    int ival;
+    unsigned long flags;
+    uint32_t uid;
+    uint32_t gid;
+    const char *a;
+    const char *b;
+    const char *c;
+};
+
+/* Steps named in errors.  Values are stable: Python maps them to names. */
+enum inc_step {
+    INC_STEP_NONE = 0,
+    INC_STEP_PIPE,
+    INC_STEP_CLONE,
+    INC_STEP_SETGROUPS,
+    INC_STEP_UID_MAP,
+    INC_STEP_GID_MAP,
+    INC_STEP_SYNC,
+    INC_STEP_PDEATHSIG,
+    INC_STEP_OP,           /* detail in op_index / op kind */
+    INC_STEP_INIT_FORK,
+    INC_STEP_SIGMASK,
+    INC_STEP_STDIO,
+    INC_STEP_CLOSE_FDS,
+    INC_STEP_EXEC,
+    INC_STEP_WAIT,
+    INC_STEP_SETSID,
+    INC_STEP__MAX
+};
+
+struct inc_spec {
+    int ns_flags;              /* INC_NS_* */
+    int use_clone3;            /* 0: go straight to clone(2) (tests the fallback) */
+    int want_pidfd;
+    int use_init;              /* with INC_NS_PID: a pid-1 init reaps and forwards signals */
+    int die_with_parent;       /* PR_SET_PDEATHSIG(SIGKILL) */
+
+    /* id maps, written by the parent; NULL = do not write */
+    const char *uid_map;
+    const char *gid_map;
+    int setgroups_deny;
+
+    const struct inc_op *ops;
+    int n_ops;
+
+    /* spawn mode: argv == NULL means "run the ops, then _exit(0)" (used by the probe) */
+    const char *exe;
+    char *const *argv;
+    char *const *envp;
+    int stdin_fd, stdout_fd, stderr_fd;   /* -1 = inherit */
+    int close_fds;                        /* close every fd >= 3 except keep_fds */
+    const int *keep_fds;                  /* sorted ascending */
+    int n_keep_fds;
+    int setsid_payload;
+    int expect_ppid;      /* enter mode: the caller's parent; the caller dies with it */
+};
+
+struct inc_result {
+    int step;        /* enum inc_step, 0 on success */
+    int err;         /* errno of the failed step */
+    int op_index;    /* index in spec->ops for INC_STEP_OP, else -1 */
+    int pid;         /* spawn: the first child (the init when there is one) */
+    int pidfd;       /* spawn with want_pidfd: a pidfd for pid, else -1 */
+    int status_fd;   /* spawn with an init: read end carrying the payload's wait status */
+    int used_clone3; /* 1 if clone3 created the child, 0 if clone(2) did */
+};
+
+/* Spawn: clone the child into the namespaces, write its id maps, let it run the ops and
+ * exec.  Returns 0 and fills pid/pidfd, or -1 with step/err/op_index filled and nothing
+ * left behind (the child is killed and reaped). */
+int inc_spawn(const struct inc_spec *spec, struct inc_result *res);
+
+/* Enter: for a freshly forked, single-threaded process.  On success returns 0 in the
+ * payload, which runs inside the namespaces (pid 2 under an init when the spec has a pid
+ * namespace); the calling process itself never returns on success: it waits for the
+ * sandbox and exits with the payload's status (or dies by the payload's signal).
+ * Returns -1 in the calling process, with res filled, when setup failed. */
+int inc_enter(const struct inc_spec *spec, struct inc_result *res);
+
+/* Decode a status record read from status_fd: the payload's raw wait status. */
+int inc_status_size(void);
+
+#endif

@@ -1,0 +1,227 @@
+"""Typed wrappers over the native core.
+
+The only module that imports the compiled ``_native`` extension.  It turns a list of
+:class:`Op` into the flat C spec, calls the core, and turns (step, errno, op index) into
+a typed exception that names the step and the path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+try:
+    from pytest_incarnate._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "pytest_incarnate's C core (pytest_incarnate._native) is not built: "
+        "install the package with `pip install .` or `pip install -e .` "
+        "(needs a C compiler and the Python headers), or build it in place with "
+        "`python native/build_ffi.py`"
+    ) from exc
+
+from pytest_incarnate.errors import (
+    CloneFailed,
+    IncarnateError,
+    NonExecutablePayload,
+    PipeFailed,
+    SetupStepFailed,
+)
+
+NS_FLAGS = {
+    "user": lib.INC_NS_USER,
+    "mount": lib.INC_NS_MOUNT,
+    "pid": lib.INC_NS_PID,
+    "net": lib.INC_NS_NET,
+    "uts": lib.INC_NS_UTS,
+    "ipc": lib.INC_NS_IPC,
+    "cgroup": lib.INC_NS_CGROUP,
+}
+
+# Op kinds, by the name used in errors.
+OP_KINDS = {
+    "hostname": lib.INC_OP_HOSTNAME,
+    "loopback": lib.INC_OP_LOOPBACK,
+    "make-rprivate": lib.INC_OP_RPRIVATE,
+    "mount-tmpfs": lib.INC_OP_TMPFS,
+    "bind": lib.INC_OP_BIND,
+    "mount-overlay": lib.INC_OP_OVERLAY,
+    "mount-proc": lib.INC_OP_PROC,
+    "stage-root": lib.INC_OP_STAGE,
+    "pivot_root": lib.INC_OP_PIVOT,
+    "mkdir": lib.INC_OP_MKDIR,
+    "chdir": lib.INC_OP_CHDIR,
+    "umask": lib.INC_OP_UMASK,
+    "no_new_privs": lib.INC_OP_NO_NEW_PRIVS,
+    "setsid": lib.INC_OP_SETSID,
+    "drop-privileges": lib.INC_OP_DROP_PRIVS,
+    "remount-ro": lib.INC_OP_REMOUNT_RO,
+}
+
+BIND_RO = lib.INC_BIND_RO
+BIND_CREATE = lib.INC_BIND_CREATE
+BIND_REC = lib.INC_BIND_REC
+DROP_SETGROUPS = lib.INC_DROP_SETGROUPS
+
+STEP_NAMES = {
+    lib.INC_STEP_PIPE: "pipe",
+    lib.INC_STEP_CLONE: "clone",
+    lib.INC_STEP_SETGROUPS: "setgroups",
+    lib.INC_STEP_UID_MAP: "uid_map",
+    lib.INC_STEP_GID_MAP: "gid_map",
+    lib.INC_STEP_SYNC: "sync",
+    lib.INC_STEP_PDEATHSIG: "parent-death-signal",
+    lib.INC_STEP_INIT_FORK: "init-fork",
+    lib.INC_STEP_SIGMASK: "signal-mask",
+    lib.INC_STEP_STDIO: "stdio",
+    lib.INC_STEP_CLOSE_FDS: "close-fds",
+    lib.INC_STEP_EXEC: "exec",
+    lib.INC_STEP_WAIT: "wait",
+    lib.INC_STEP_SETSID: "setsid",
+}
+STEP_OP = lib.INC_STEP_OP
+STEP_CLONE = lib.INC_STEP_CLONE
+STEP_UID_MAP = lib.INC_STEP_UID_MAP
+STEP_GID_MAP = lib.INC_STEP_GID_MAP
+STEP_SETGROUPS = lib.INC_STEP_SETGROUPS
+
+
+@dataclass(frozen=True)
+class Op:
+    """One child operation.  a/b/c are the C strings; ``path`` is what errors show."""
+
+    kind: str
+    a: str | None = None
+    b: str | None = None
+    c: str | None = None
+    flags: int = 0
+    ival: int = 0
+    uid: int = 0
+    gid: int = 0
+    path: str | None = None
+
+
+@dataclass
+class Native:
+    """Everything one core call needs, with the cdata kept alive."""
+
+    ns: tuple[str, ...]
+    ops: Sequence[Op]
+    uid_map: str | None = None
+    gid_map: str | None = None
+    setgroups_deny: bool = False
+    use_init: bool = True
+    die_with_parent: bool = True
+    use_clone3: bool = True
+    want_pidfd: bool = True
+    exe: str | None = None
+    argv: Sequence[str] | None = None
+    envp: Sequence[str] | None = None
+    stdio: tuple[int, int, int] = (-1, -1, -1)
+    close_fds: bool = True
+    keep_fds: Sequence[int] = ()
+    setsid_payload: bool = False
+    expect_ppid: int = 0
+    _keep: list[Any] = field(default_factory=list)
+
+    def _cstr(self, s: str | None) -> Any:
+        if s is None:
+            return ffi.NULL
+        p = ffi.new("char[]", os.fsencode(s))
+        self._keep.append(p)
+        return p
+
+    def _cstrv(self, items: Sequence[str]) -> Any:
+        ptrs = [self._cstr(x) for x in items] + [ffi.NULL]
+        arr = ffi.new("char *[]", ptrs)
+        self._keep.append(arr)
+        return arr
+
+    def build(self) -> Any:
+        spec = ffi.new("struct inc_spec *")
+        self._keep.append(spec)
+        flags = 0
+        for name in self.ns:
+            flags |= NS_FLAGS[name]
+        spec.ns_flags = flags
+        spec.use_clone3 = int(self.use_clone3)
+        spec.want_pidfd = int(self.want_pidfd)
+        spec.use_init = int(self.use_init)
+        spec.die_with_parent = int(self.die_with_parent)
+        spec.uid_map = self._cstr(self.uid_map)
+        spec.gid_map = self._cstr(self.gid_map)
+        spec.setgroups_deny = int(self.setgroups_deny)
+        ops = ffi.new("struct inc_op[]", max(1, len(self.ops)))
+        self._keep.append(ops)
+        for i, op in enumerate(self.ops):
+            c = ops[i]
+            c.kind = OP_KINDS[op.kind]
+            c.ival = op.ival
+            c.flags = op.flags
+            c.uid = op.uid
+            c.gid = op.gid
+            c.a = self._cstr(op.a)
+            c.b = self._cstr(op.b)
+            c.c = self._cstr(op.c)
+        spec.ops = ops
+        spec.n_ops = len(self.ops)
+        spec.exe = self._cstr(self.exe)
+        spec.argv = self._cstrv(self.argv) if self.argv is not None else ffi.NULL
+        spec.envp = self._cstrv(self.envp) if self.envp is not None else ffi.NULL
+        spec.stdin_fd, spec.stdout_fd, spec.stderr_fd = self.stdio
+        spec.close_fds = int(self.close_fds)
+        keep = ffi.new("int[]", sorted(self.keep_fds) or [0])
+        self._keep.append(keep)
+        spec.keep_fds = keep
+        spec.n_keep_fds = len(self.keep_fds)
+        spec.setsid_payload = int(self.setsid_payload)
+        spec.expect_ppid = self.expect_ppid
+        return spec
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    pidfd: int
+    status_fd: int
+    used_clone3: bool
+
+
+def error_for(native: Native, res: Any) -> IncarnateError:
+    """The typed exception for a failed core call."""
+    step, err, idx = res.step, res.err, res.op_index
+    if step == lib.INC_STEP_PIPE:
+        return PipeFailed(err)
+    if step == lib.INC_STEP_CLONE:
+        return CloneFailed(err, tuple(native.ns))
+    if step == lib.INC_STEP_EXEC:
+        return NonExecutablePayload(native.exe or "?", err)
+    if step == STEP_OP and 0 <= idx < len(native.ops):
+        op = native.ops[idx]
+        return SetupStepFailed(op.kind, err, op.path)
+    if step in (lib.INC_STEP_UID_MAP, lib.INC_STEP_GID_MAP, lib.INC_STEP_SETGROUPS):
+        name = STEP_NAMES[step]
+        data = {"uid_map": native.uid_map, "gid_map": native.gid_map, "setgroups": "deny"}[name]
+        return SetupStepFailed(name, err, f"/proc/<child>/{name}", detail=f"writing {data!r}")
+    return SetupStepFailed(STEP_NAMES.get(step, f"step {step}"), err)
+
+
+def spawn(native: Native) -> Started:
+    spec = native.build()
+    res = ffi.new("struct inc_result *")
+    if lib.inc_spawn(spec, res) != 0:
+        raise error_for(native, res)
+    return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3))
+
+
+def enter(native: Native) -> None:
+    """Enter the sandbox from a freshly forked child.  Returns in the payload; raises
+    (in the calling process, the would-be monitor) if setup failed."""
+    spec = native.build()
+    res = ffi.new("struct inc_result *")
+    if lib.inc_enter(spec, res) != 0:
+        raise error_for(native, res)
+
+
+STATUS_SIZE = lib.inc_status_size()

@@ -1,0 +1,232 @@
+"""Errors and degradations.
+
+The error tree mirrors the seed crate's error enum; every error says what failed and,
+where there is one, what to change.  Degradations are not errors: they are the typed
+record of isolation that was asked for and not granted, attached to a result.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "IncarnateError",
+    "SpecError",
+    "InvalidArgv",
+    "InvalidRootfsPath",
+    "NamespaceCapMissing",
+    "UserNsDisabledBySysctl",
+    "UserNsRestrictedByLsm",
+    "CgroupNotWritable",
+    "NonExecutablePayload",
+    "CloneFailed",
+    "PipeFailed",
+    "SetupStepFailed",
+    "SandboxCrashed",
+    "Degradation",
+    "NamespaceSkipped",
+    "CgroupSkipped",
+    "CpuAffinitySkipped",
+    "UidMapFailed",
+]
+
+
+def _errname(err: int) -> str:
+    return _errno.errorcode.get(err, f"errno {err}")
+
+
+class IncarnateError(Exception):
+    """Base class of every error raised by pytest-incarnate."""
+
+
+class SpecError(IncarnateError, ValueError):
+    """A Spec field (or marker keyword, or option) has a bad value."""
+
+    def __init__(self, field: str, value: Any, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{field}: {problem} (got {value!r})")
+
+
+class InvalidArgv(SpecError):
+    """The command to run is not a non-empty sequence of strings without NUL bytes."""
+
+    def __init__(self, value: Any, problem: str) -> None:
+        super().__init__("argv", value, problem)
+
+
+class InvalidRootfsPath(SpecError):
+    """The root filesystem path is not an existing absolute directory."""
+
+    def __init__(self, value: Any, problem: str) -> None:
+        super().__init__("root", value, problem)
+
+
+class NamespaceCapMissing(IncarnateError):
+    """A namespace was required (strict) and this process cannot create it."""
+
+    def __init__(self, ns: str, reason: str, fix: str = "") -> None:
+        self.ns = ns
+        self.reason = reason
+        self.fix = fix
+        msg = f"cannot create the {ns} namespace: {reason}"
+        if fix:
+            msg += f"; fix: {fix}"
+        super().__init__(msg)
+
+
+class UserNsDisabledBySysctl(NamespaceCapMissing):
+    """User namespaces are turned off by a sysctl (or its limit is 0)."""
+
+    def __init__(self, sysctl: str, value: str, fix: str = "") -> None:
+        self.sysctl = sysctl
+        self.value = value
+        super().__init__(
+            "user",
+            f"{sysctl} is {value}",
+            fix or f"sysctl -w {sysctl}={'1' if 'clone' in sysctl else '10000'}",
+        )
+
+
+class UserNsRestrictedByLsm(NamespaceCapMissing):
+    """A user namespace can be created but an LSM (AppArmor on Ubuntu 24.04) strips it."""
+
+    def __init__(self, lsm: str, reason: str, fix: str = "") -> None:
+        self.lsm = lsm
+        super().__init__("user", f"{lsm}: {reason}", fix)
+
+
+class CgroupNotWritable(IncarnateError):
+    """A cgroup directory the sandbox needs cannot be written."""
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        self.path = path
+        super().__init__(f"cgroup {path} is not writable" + (f": {reason}" if reason else ""))
+
+
+class _OSLike(IncarnateError, OSError):
+    """An IncarnateError that is also an OSError with a real errno."""
+
+    def __init__(self, err: int, message: str, path: str | None = None) -> None:
+        OSError.__init__(self, err, message)
+        self.errno = err
+        self.strerror = os.strerror(err) if err else message
+        self.filename = path
+        self._message = message
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.__dict__))
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    obj = cls.__new__(cls)
+    OSError.__init__(obj, state.get("errno"), state.get("_message"))
+    obj.__dict__.update(state)
+    return obj
+
+
+class NonExecutablePayload(_OSLike):
+    """The program to run is missing or cannot be executed."""
+
+    def __init__(self, path: str, err: int) -> None:
+        self.path = path
+        super().__init__(err, f"cannot execute {path!r}: {_errname(err)} ({os.strerror(err)})", path)
+
+
+class CloneFailed(_OSLike):
+    """clone3/clone refused to create the child."""
+
+    def __init__(self, err: int, namespaces: tuple[str, ...] = (), hint: str = "") -> None:
+        self.namespaces = namespaces
+        ns = ", ".join(namespaces) or "none"
+        msg = f"clone failed with {_errname(err)} ({os.strerror(err)}); namespaces: {ns}"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(err, msg)
+
+
+class PipeFailed(_OSLike):
+    """The parent could not create its sync or error pipe."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, f"cannot create the sandbox pipes: {_errname(err)} ({os.strerror(err)})")
+
+
+class SetupStepFailed(_OSLike):
+    """A setup step failed in the child (or the parent) before the payload ran."""
+
+    def __init__(self, step: str, err: int, path: str | None = None, detail: str = "") -> None:
+        self.step = step
+        self.path = path
+        msg = f"setup step {step!r} failed with {_errname(err)} ({os.strerror(err)})"
+        if path:
+            msg += f" at {path!r}"
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(err, msg, path)
+
+
+class SandboxCrashed(IncarnateError):
+    """A sandboxed callable died without sending its result back."""
+
+    def __init__(self, cause: str, returncode: int | None = None, signal: int | None = None) -> None:
+        self.cause = cause
+        self.returncode = returncode
+        self.signal = signal
+        super().__init__(cause)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.cause, self.returncode, self.signal))
+
+
+# ----------------------------------------------------------------------- degradations
+
+
+class Degradation:
+    """Isolation that was asked for and not granted; carried on a Result."""
+
+    reason: str
+
+    def describe(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class NamespaceSkipped(Degradation):
+    ns: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.ns} namespace skipped: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CgroupSkipped(Degradation):
+    path: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"cgroup {self.path} skipped: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CpuAffinitySkipped(Degradation):
+    reason: str
+
+    def describe(self) -> str:
+        return f"CPU affinity skipped: {self.reason}"
+
+
+@dataclass(frozen=True)
+class UidMapFailed(Degradation):
+    reason: str
+
+    def describe(self) -> str:
+        return f"uid map reduced: {self.reason}"

@@ -1,0 +1,616 @@
+"""Sandbox: run a program, or call a Python function, inside an incarnation.
+
+Spec -> plan (the probe decides what is possible; strict raises, otherwise degradations
+are recorded) -> ordered child operations -> native core -> Result.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import pickle
+import select
+import shutil
+import signal as _signal
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Mapping, Sequence
+
+from pytest_incarnate import _ffi
+from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, DROP_SETGROUPS, Native, Op
+from pytest_incarnate.errors import (
+    CloneFailed,
+    Degradation,
+    IncarnateError,
+    InvalidArgv,
+    NamespaceCapMissing,
+    NamespaceSkipped,
+    NonExecutablePayload,
+    SandboxCrashed,
+    SetupStepFailed,
+    UidMapFailed,
+    UserNsDisabledBySysctl,
+    UserNsRestrictedByLsm,
+)
+from pytest_incarnate.probe import Capabilities, id_maps, probe
+from pytest_incarnate.spec import NAMESPACES, Spec
+
+STAGE_BASE = "/tmp"
+PIPE = -1
+DEVNULL = -3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a Spec will get on this machine: the namespaces granted, and what degraded."""
+
+    namespaces: tuple[str, ...]
+    degradations: tuple[Degradation, ...]
+    uid_map: str | None
+    gid_map: str | None
+    setgroups_deny: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of :meth:`Sandbox.run`."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes | None
+    stderr: bytes | None
+    signal: int | None = None
+    timed_out: bool = False
+    degradations: tuple[Degradation, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def _missing_ns_error(ns: str, caps: Capabilities, reason: str, fix: str) -> NamespaceCapMissing:
+    if ns == "user":
+        if "AppArmor" in reason:
+            return UserNsRestrictedByLsm("AppArmor", reason, fix)
+        for name in ("user.max_user_namespaces", "kernel.unprivileged_userns_clone"):
+            if caps.sysctls.get(name) == "0" and name in reason:
+                return UserNsDisabledBySysctl(name, "0", fix)
+    return NamespaceCapMissing(ns, reason, fix)
+
+
+def make_plan(spec: Spec, caps: Capabilities) -> Plan:
+    """Decide, before anything runs, which namespaces this spec gets here."""
+    granted: list[str] = []
+    degr: list[Degradation] = []
+    want_user = "user" in spec.namespaces
+    for ns in NAMESPACES:
+        if ns not in spec.namespaces:
+            continue
+        with_user = want_user and (ns == "user" or caps.granted("ns.user"))
+        cap = caps.namespace(ns, with_user)
+        if cap.granted:
+            granted.append(ns)
+            continue
+        if spec.strict:
+            raise _missing_ns_error(ns, caps, cap.reason, cap.fix)
+        degr.append(NamespaceSkipped(ns, cap.reason + (f" (fix: {cap.fix})" if cap.fix else "")))
+    uid_map = gid_map = None
+    deny = False
+    if "user" in granted:
+        uid_map, gid_map, deny = id_maps(spec.map_user)
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny)
+
+
+def _hidden_by(path: str, targets: Sequence[str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
+
+
+def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list[Op]:
+    """The ordered child operations for a spec and its plan."""
+    ns = plan.namespaces
+    ops: list[Op] = []
+    if "uts" in ns and spec.hostname is not None:
+        ops.append(Op("hostname", a=spec.hostname, path=spec.hostname))
+    if "net" in ns and spec.loopback:
+        ops.append(Op("loopback", path="lo"))
+    cwd = spec.cwd
+    if "mount" in ns:
+        new = "/newroot"
+        old = "/oldroot"
+        ops.append(Op("make-rprivate", a="/", path="/"))
+        ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
+        root_src = spec.root or "/"
+        ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new, flags=BIND_RO | BIND_REC, path=root_src))
+        if spec.mount_proc and "pid" in ns:
+            ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
+        for t in spec.tmpfs:
+            ops.append(Op("mount-tmpfs", b=new + t.target, c=t.data(), flags=BIND_CREATE, path=t.target))
+        userxattr = ",userxattr" if "user" in ns else ""
+        for o in spec.overlays:
+            data = "lowerdir=" + ":".join(old + p for p in o.lower)
+            if o.upper is not None:
+                data += f",upperdir={old}{o.upper},workdir={old}{o.work}"
+            ops.append(Op("mount-overlay", b=new + o.target, c=data + userxattr, flags=BIND_CREATE, path=o.target))
+        for b in spec.binds:
+            src = os.path.realpath(b.source)
+            flags = BIND_REC | BIND_CREATE | (BIND_RO if b.readonly else 0)
+            ops.append(Op("bind", a=old + src, b=new + (b.target or b.source), flags=flags, path=b.source))
+        ops.append(Op("pivot_root", a=new, path="/"))
+        if cwd is None:
+            here = payload_cwd or os.getcwd()
+            hidden = [t.target for t in spec.tmpfs] + [o.target for o in spec.overlays]
+            visible = _hidden_by(here, [b.target or b.source for b in spec.binds]) or not _hidden_by(here, hidden)
+            cwd = here if visible and spec.root is None else "/"
+    if cwd is not None:
+        ops.append(Op("chdir", a=cwd, path=cwd))
+    if spec.umask is not None:
+        ops.append(Op("umask", ival=spec.umask))
+    if spec.uid is not None or spec.gid is not None:
+        uid = spec.uid if spec.uid is not None else os.getuid()
+        gid = spec.gid if spec.gid is not None else os.getgid()
+        flags = 0 if plan.setgroups_deny else DROP_SETGROUPS
+        ops.append(Op("drop-privileges", uid=uid, gid=gid, flags=flags, path=f"uid={uid} gid={gid}"))
+    if spec.no_new_privs:
+        ops.append(Op("no_new_privs"))
+    return ops
+
+
+def _env_list(env: Mapping[str, str] | None) -> list[str]:
+    src = os.environ if env is None else env
+    return [f"{k}={v}" for k, v in src.items()]
+
+
+def _check_argv(argv: Any) -> tuple[str, ...]:
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
+        raise InvalidArgv(argv, "must be a list of strings, e.g. ['/bin/true']")
+    if not argv:
+        raise InvalidArgv(argv, "must not be empty")
+    out = []
+    for a in argv:
+        if isinstance(a, os.PathLike):
+            a = os.fspath(a)
+        if not isinstance(a, str):
+            raise InvalidArgv(argv, f"every item must be a str, got {type(a).__name__}")
+        if "\x00" in a:
+            raise InvalidArgv(argv, "an argument contains a NUL byte")
+        out.append(a)
+    return tuple(out)
+
+
+def _resolve_exe(argv0: str, env: Mapping[str, str] | None, root: str | None) -> str:
+    """The path to exec, resolved in the parent (the child only execs it)."""
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    if "/" in argv0:
+        candidate = argv0
+        found = candidate if os.access((root or "") + candidate if candidate.startswith("/") else candidate, os.X_OK) else None
+    else:
+        base = shutil.which(argv0, path=path) if root is None else None
+        if root is not None:
+            for d in path.split(":"):
+                c = os.path.join(d, argv0)
+                if os.access(root + c, os.X_OK):
+                    base = c
+                    break
+        found = base
+    if not found:
+        err = _errno.ENOENT
+        full = (root or "") + argv0 if argv0.startswith("/") else argv0
+        if os.path.exists(full):
+            err = _errno.EACCES
+        raise NonExecutablePayload(argv0, err)
+    return found
+
+
+class Handle:
+    """A running sandboxed program (from :meth:`Sandbox.spawn`).
+
+    ``pid`` is the sandbox's first process (its pid-1 init when there is a pid
+    namespace); ``pidfd`` refers to it.  Signals sent with :meth:`send_signal` reach the
+    payload (the init forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2);
+    :meth:`kill` ends the whole sandbox.
+    """
+
+    def __init__(self, argv: tuple[str, ...], started: _ffi.Started, plan: Plan,
+                 stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None,
+                 has_init: bool) -> None:
+        self.argv = argv
+        self.pid = started.pid
+        self.pidfd = started.pidfd
+        self._status_fd = started.status_fd
+        self.plan = plan
+        self.degradations = plan.degradations
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.returncode: int | None = None
+        self.signal: int | None = None
+        self.timed_out = False
+        self._has_init = has_init
+        self._start = time.monotonic()
+        self.duration = 0.0
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.returncode is None:
+            self.kill()
+        self.wait()
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+    def __del__(self) -> None:
+        try:
+            if self.returncode is None:
+                self.kill()
+                self.wait()
+        except Exception:
+            pass
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._reap(os.WNOHANG)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the payload; raise TimeoutError after ``timeout`` seconds."""
+        if self.returncode is not None:
+            return self.returncode
+        if timeout is not None and self.pidfd >= 0:
+            r, _, _ = select.select([self.pidfd], [], [], max(0.0, timeout))
+            if not r:
+                raise TimeoutError(f"sandbox {self.argv[0]!r} still running after {timeout} s")
+        elif timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sandbox {self.argv[0]!r} still running after {timeout} s")
+                time.sleep(0.005)
+        self._reap(0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def _reap(self, flags: int) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            break
+        if pid == 0:
+            return
+        self.duration = time.monotonic() - self._start
+        if self._status_fd >= 0:
+            try:
+                data = os.read(self._status_fd, _ffi.STATUS_SIZE)
+                if len(data) == _ffi.STATUS_SIZE:
+                    status = int.from_bytes(data, "little", signed=True)
+            finally:
+                os.close(self._status_fd)
+                self._status_fd = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if os.WIFSIGNALED(status):
+            self.signal = os.WTERMSIG(status)
+            self.returncode = -self.signal
+        else:
+            self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            return
+        if self.pidfd >= 0:
+            try:
+                _signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+        elif self._has_init:
+            os.kill(self.pid, sig)
+        else:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(_signal.SIGTERM)
+
+    def kill(self) -> None:
+        """End the whole sandbox: SIGKILL to its init (the kernel then kills every
+        process in its pid namespace), or to its process group without one."""
+        if self.returncode is not None:
+            return
+        if self._has_init:
+            self.send_signal(_signal.SIGKILL)
+        else:
+            try:
+                os.killpg(self.pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def communicate(self, input: bytes | None = None, timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
+        """Send ``input``, read stdout and stderr to EOF, wait.  On timeout the sandbox is
+        killed and ``timed_out`` is set."""
+        out: dict[int, list[bytes]] = {}
+        readers = {}
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                readers[f.fileno()] = f
+                out[f.fileno()] = []
+        writer = self.stdin
+        pending = memoryview(input or b"")
+        if writer is not None and not pending:
+            writer.close()
+            writer = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while readers or writer is not None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self.timed_out = True
+                self.kill()
+                deadline = None  # drain what is left, the sandbox is gone
+                continue
+            wl = [writer.fileno()] if writer is not None else []
+            r, w, _ = select.select(list(readers), wl, [], remaining)
+            for fd in r:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    out[fd].append(chunk)
+                else:
+                    readers.pop(fd)
+            if w and writer is not None:
+                try:
+                    n = os.write(writer.fileno(), pending[:65536])
+                    pending = pending[n:]
+                except BrokenPipeError:
+                    pending = pending[:0]
+                if not pending:
+                    writer.close()
+                    writer = None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.wait(remaining)
+        except TimeoutError:
+            self.timed_out = True
+            self.kill()
+            self.wait()
+        res = []
+        for f in (self.stdout, self.stderr):
+            if f is None:
+                res.append(None)
+            else:
+                res.append(b"".join(out[f.fileno()]))
+                f.close()
+        return res[0], res[1]
+
+
+class Sandbox:
+    """Runs programs or Python callables inside a fresh incarnation per call.
+
+    >>> Sandbox(Spec(hostname="box")).run(["hostname"]).stdout
+    b'box\\n'
+    """
+
+    def __init__(self, spec: Spec | None = None, **kwargs: Any) -> None:
+        if spec is not None and kwargs:
+            spec = spec.replace(**kwargs)
+        self.spec = spec if spec is not None else Spec.from_kwargs(**kwargs)
+        self._use_clone3 = True
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.spec!r})"
+
+    def plan(self, refresh: bool = False) -> Plan:
+        """What this spec gets here; strict specs raise the typed error instead."""
+        return make_plan(self.spec, probe(refresh=refresh))
+
+    # -------------------------------------------------------------- programs
+
+    def _native(self, plan: Plan, **kw: Any) -> Native:
+        return Native(
+            ns=plan.namespaces,
+            ops=build_ops(self.spec, plan),
+            uid_map=plan.uid_map,
+            gid_map=plan.gid_map,
+            setgroups_deny=plan.setgroups_deny,
+            die_with_parent=self.spec.die_with_parent,
+            use_clone3=self._use_clone3,
+            **kw,
+        )
+
+    def _run_native(self, plan: Plan, make: Callable[[Plan], Native], go: Callable[[Native], Any]) -> tuple[Plan, Any]:
+        try:
+            return plan, go(make(plan))
+        except CloneFailed as e:
+            if self.spec.strict or e.errno not in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES):
+                raise
+            new = make_plan(self.spec, probe(refresh=True))
+            if new == plan:
+                raise
+            return new, go(make(new))
+        except SetupStepFailed as e:
+            if self.spec.strict or e.step not in ("uid_map", "gid_map", "setgroups") or os.geteuid() != 0:
+                raise
+            # Real root whose whole identity map was refused (a nested, limited userns):
+            # fall back to mapping only root, and say so.
+            single = Plan(plan.namespaces, plan.degradations + (UidMapFailed(f"{e}; mapped uid 0 only"),),
+                          f"0 {os.getuid()} 1", f"0 {os.getgid()} 1", True)
+            return single, go(make(single))
+
+    def spawn(self, argv: Sequence[str], *, stdin: int | IO[Any] | None = None, stdout: int | IO[Any] | None = None,
+              stderr: int | IO[Any] | None = None, pass_fds: Sequence[int] = ()) -> Handle:
+        """Start ``argv`` inside; ``stdin``/``stdout``/``stderr`` take PIPE, DEVNULL, a
+        file or an fd (None: inherit)."""
+        args = _check_argv(argv)
+        exe = _resolve_exe(args[0], self.spec.env, self.spec.root)
+        plan = self.plan()
+        fds: list[int] = []
+        to_close: list[int] = []
+        parent_ends: list[IO[bytes] | None] = []
+        try:
+            for i, want in enumerate((stdin, stdout, stderr)):
+                if want is None:
+                    fds.append(-1)
+                    parent_ends.append(None)
+                elif want == PIPE:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    child, parent = (r, w) if i == 0 else (w, r)
+                    fds.append(child)
+                    to_close.append(child)
+                    parent_ends.append(os.fdopen(parent, "wb" if i == 0 else "rb", buffering=0))
+                elif want == DEVNULL:
+                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    fds.append(fd)
+                    to_close.append(fd)
+                    parent_ends.append(None)
+                elif isinstance(want, int):
+                    fds.append(want)
+                    parent_ends.append(None)
+                else:
+                    fds.append(want.fileno())
+                    parent_ends.append(None)
+            env = _env_list(self.spec.env)
+            has_init = "pid" in plan.namespaces
+
+            def make(p: Plan) -> Native:
+                return self._native(p, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
+                                    keep_fds=tuple(pass_fds), setsid_payload=True)
+
+            plan, started = self._run_native(plan, make, _ffi.spawn)
+            has_init = "pid" in plan.namespaces
+        except BaseException:
+            for f in parent_ends:
+                if f is not None:
+                    f.close()
+            raise
+        finally:
+            for fd in to_close:
+                os.close(fd)
+        return Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init)
+
+    def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float | None = None,
+            capture_output: bool = True) -> Result:
+        """Run ``argv`` inside and wait.  Output is captured unless ``capture_output`` is
+        False; after ``timeout`` seconds the whole sandbox is killed and the result says
+        ``timed_out``."""
+        if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
+            raise InvalidArgv(input, "input must be bytes")
+        out = PIPE if capture_output else None
+        h = self.spawn(argv, stdin=PIPE if input is not None else DEVNULL, stdout=out, stderr=out)
+        stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
+        assert h.returncode is not None
+        return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
+                      h.plan.namespaces, h.duration)
+
+    # ------------------------------------------------------------- callables
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)`` inside a fresh incarnation and return its value, or
+        re-raise its exception.  The callable runs in a forked child (pid 2 under an init
+        when there is a pid namespace); its return value must be picklable."""
+        outcome, _ = self.call_outcome(fn, *args, **kwargs)
+        kind, value = outcome
+        if kind == "ok":
+            return value
+        raise value
+
+    def call_outcome(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[tuple[str, Any], Plan]:
+        """Like :meth:`call`, but returns (("ok", value) or ("err", exception), plan)."""
+        plan = self.plan()
+        kind, value, plan = forked_enter(self, plan, lambda: fn(*args, **kwargs))
+        return (kind, value), plan
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _dump(obj: Any) -> bytes:
+    try:
+        return pickle.dumps(obj)
+    except Exception as e:  # unpicklable value or exception
+        kind, value = obj
+        if kind == "err":
+            tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
+            return pickle.dumps(("err", SandboxCrashed(f"unpicklable exception from the sandbox:\n{tb}")))
+        return pickle.dumps(("err", SandboxCrashed(f"the sandboxed call's return value cannot be pickled: {e!r}")))
+
+
+def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> tuple[str, Any, Plan]:
+    """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
+    back.  Returns (kind, value, plan) where kind is "ok" or "err"."""
+    def attempt(p: Plan) -> tuple[str, Any, Plan]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        ppid = os.getpid()
+        native = sandbox._native(p, expect_ppid=ppid, close_fds=False)
+        native.build()  # allocate in the parent, before the fork
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 70
+            try:
+                os.close(r)
+                try:
+                    _ffi.enter(native)
+                except IncarnateError as e:
+                    _write_all(w, pickle.dumps(("setup", e)))
+                    code = 0
+                else:
+                    try:
+                        result: tuple[str, Any] = ("ok", body())
+                    except BaseException as e:  # noqa: BLE001 - shipped to the parent
+                        result = ("err", e)
+                    _write_all(w, _dump(result))
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        chunks = []
+        try:
+            while True:
+                try:
+                    b = os.read(r, 1 << 16)
+                except InterruptedError:
+                    continue
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(r)
+            _, status = os.waitpid(pid, 0)
+        data = b"".join(chunks)
+        if not data:
+            raise _crash(status)
+        kind, value = pickle.loads(data)
+        if kind == "setup":
+            raise value
+        return kind, value, p
+
+    try:
+        return attempt(plan)
+    except CloneFailed as e:
+        if sandbox.spec.strict or e.errno not in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES):
+            raise
+        new = make_plan(sandbox.spec, probe(refresh=True))
+        if new == plan:
+            raise
+        return attempt(new)
+
+
+def _crash(status: int) -> SandboxCrashed:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = _signal.Signals(sig).name if sig in _signal.Signals._value2member_map_ else str(sig)
+        return SandboxCrashed(f"the sandboxed call was killed by signal {sig} ({name})", -sig, sig)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+    return SandboxCrashed(f"the sandboxed call exited with status {code} before returning", code)

@@ -1,0 +1,296 @@
+"""Spec: the declarative, validated, frozen description of one incarnation.
+
+Every invalid field raises :class:`~pytest_incarnate.errors.SpecError` naming the field
+and the bad value.  Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Iterable, Mapping
+
+from pytest_incarnate.errors import InvalidRootfsPath, SpecError
+
+NAMESPACES: tuple[str, ...] = ("user", "mount", "pid", "net", "uts", "ipc", "cgroup")
+MAP_USER_CHOICES = ("root", "self")
+
+
+def _path(field_name: str, value: Any, *, absolute: bool = True) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        raise SpecError(field_name, value, "must be a str path, not bytes")
+    if not isinstance(value, str):
+        raise SpecError(field_name, value, f"must be a path string, not {type(value).__name__}")
+    if not value:
+        raise SpecError(field_name, value, "must not be empty")
+    if "\x00" in value:
+        raise SpecError(field_name, value, "contains a NUL byte")
+    if absolute and not value.startswith("/"):
+        raise SpecError(field_name, value, "must be an absolute path")
+    return os.path.normpath(value) if value != "/" else "/"
+
+
+def _text(field_name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise SpecError(field_name, value, f"must be a str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise SpecError(field_name, value, "contains a NUL byte")
+    return value
+
+
+def _bool(field_name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(field_name, value, f"must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _id(field_name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field_name, value, f"must be an int id or None, not {type(value).__name__}")
+    if not 0 <= value < 2**32 - 1:
+        raise SpecError(field_name, value, "must be between 0 and 4294967294")
+    return value
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path made visible inside at ``target`` (default: the same path)."""
+
+    source: str
+    target: str | None = None
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", _path("binds.source", self.source))
+        tgt = self.source if self.target is None else self.target
+        object.__setattr__(self, "target", _path("binds.target", tgt))
+        object.__setattr__(self, "readonly", _bool("binds.readonly", self.readonly))
+
+    @classmethod
+    def coerce(cls, value: Any) -> Bind:
+        """Accept a Bind, a path, or a (source, target[, "ro"|"rw"|bool]) tuple."""
+        if isinstance(value, Bind):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return cls(os.fspath(value))
+        if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
+            src = value[0]
+            tgt = value[1] if len(value) > 1 else None
+            mode = value[2] if len(value) > 2 else False
+            if isinstance(mode, str):
+                if mode not in ("ro", "rw"):
+                    raise SpecError("binds", value, 'mode must be "ro" or "rw"')
+                mode = mode == "ro"
+            return cls(src, tgt, mode)
+        raise SpecError("binds", value, "each bind must be a Bind, a path, or (source, target[, 'ro'|'rw'])")
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A fresh tmpfs at ``target``; ``size`` in bytes or a tmpfs size string ("64m")."""
+
+    target: str
+    size: int | str | None = None
+    mode: int = 0o755
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _path("tmpfs.target", self.target))
+        if self.size is not None:
+            if isinstance(self.size, bool) or not isinstance(self.size, (int, str)):
+                raise SpecError("tmpfs.size", self.size, "must be a byte count or a string like '64m'")
+            if isinstance(self.size, int) and self.size <= 0:
+                raise SpecError("tmpfs.size", self.size, "must be positive")
+            if isinstance(self.size, str):
+                s = self.size.strip().lower()
+                if not s or not (s[:-1] if s[-1] in "kmg%" else s).isdigit():
+                    raise SpecError("tmpfs.size", self.size, "must be digits with an optional k, m, g or % suffix")
+        if isinstance(self.mode, bool) or not isinstance(self.mode, int) or not 0 <= self.mode <= 0o7777:
+            raise SpecError("tmpfs.mode", self.mode, "must be a permission mode like 0o755")
+
+    def data(self) -> str:
+        d = f"mode={self.mode:04o}"
+        if self.size is not None:
+            d += f",size={self.size}"
+        return d
+
+    @classmethod
+    def coerce(cls, value: Any) -> Tmpfs:
+        if isinstance(value, Tmpfs):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return cls(os.fspath(value))
+        raise SpecError("tmpfs", value, "each tmpfs must be a Tmpfs or a path")
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """An overlay mount at ``target``: ``lower`` directories (top first), and an
+    ``upper``/``work`` pair on the same filesystem for a writable overlay."""
+
+    target: str
+    lower: tuple[str, ...]
+    upper: str | None = None
+    work: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", _path("overlays.target", self.target))
+        lower = self.lower
+        if isinstance(lower, (str, os.PathLike)):
+            lower = (lower,)
+        if not isinstance(lower, (tuple, list)) or not lower:
+            raise SpecError("overlays.lower", self.lower, "must be a non-empty list of directories")
+        lower = tuple(_path("overlays.lower", x) for x in lower)
+        for p in lower:
+            if "," in p or ":" in p:
+                raise SpecError("overlays.lower", p, "overlay paths cannot contain ',' or ':'")
+        object.__setattr__(self, "lower", lower)
+        if (self.upper is None) != (self.work is None):
+            raise SpecError("overlays.upper", self.upper, "upper and work must be given together")
+        for name in ("upper", "work"):
+            v = getattr(self, name)
+            if v is not None:
+                v = _path(f"overlays.{name}", v)
+                if "," in v or ":" in v:
+                    raise SpecError(f"overlays.{name}", v, "overlay paths cannot contain ',' or ':'")
+                object.__setattr__(self, name, v)
+        if self.upper is None and len(lower) < 2:
+            raise SpecError("overlays.lower", self.lower, "a read-only overlay needs at least two lower directories")
+
+
+def _coerce_tuple(field_name: str, value: Any, coerce: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
+        raise SpecError(field_name, value, "must be a list")
+    return tuple(coerce(v) for v in value)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one incarnation gets.  Frozen; build variants with :meth:`replace`.
+
+    namespaces
+        any subset of ``user mount pid net uts ipc cgroup`` (default: all).
+    hostname
+        hostname in the uts namespace (None: leave it).
+    root
+        None: the host's root, read-only.  A directory: that directory, read-only.
+    binds, tmpfs, overlays
+        mounts made inside, in that order after the root (tmpfs, overlays, then binds).
+    env
+        the payload's environment (None: the caller's).
+    cwd
+        working directory inside (None: the caller's, or / if it is not visible).
+    map_user
+        ``"root"``: the caller is root inside (as real root: the whole identity map);
+        ``"self"``: the caller keeps its own uid and gid inside.
+    uid, gid
+        drop to these ids inside after setup (None: stay).
+    strict
+        True: a namespace that cannot be had is an error; False: it is skipped and the
+        result lists a NamespaceSkipped degradation.
+    """
+
+    namespaces: frozenset[str] = frozenset(NAMESPACES)
+    hostname: str | None = "incarnate"
+    root: str | None = None
+    binds: tuple[Bind, ...] = ()
+    tmpfs: tuple[Tmpfs, ...] = (Tmpfs("/tmp"), Tmpfs("/dev/shm"))
+    overlays: tuple[Overlay, ...] = ()
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    map_user: str = "root"
+    uid: int | None = None
+    gid: int | None = None
+    strict: bool = False
+    mount_proc: bool = True
+    loopback: bool = True
+    no_new_privs: bool = True
+    die_with_parent: bool = True
+    umask: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        ns = self.namespaces
+        if isinstance(ns, str):
+            ns = ns.replace(",", " ").split()
+        if not isinstance(ns, Iterable):
+            raise SpecError("namespaces", self.namespaces, "must be a set of namespace names")
+        ns = list(ns)
+        for name in ns:
+            if not isinstance(name, str):
+                raise SpecError("namespaces", name, "namespace names are strings")
+            if name not in NAMESPACES:
+                raise SpecError("namespaces", name, f"unknown namespace; choose from {', '.join(NAMESPACES)}")
+        set_("namespaces", frozenset(ns))
+        if self.hostname is not None:
+            h = _text("hostname", self.hostname)
+            if not 0 < len(h.encode()) <= 64:
+                raise SpecError("hostname", h, "must be 1 to 64 bytes")
+        if self.root is not None:
+            try:
+                root = _path("root", self.root)
+            except SpecError as e:
+                raise InvalidRootfsPath(self.root, e.problem) from None
+            if not os.path.isdir(root):
+                raise InvalidRootfsPath(root, "is not an existing directory")
+            set_("root", root)
+        set_("binds", _coerce_tuple("binds", self.binds, Bind.coerce))
+        set_("tmpfs", _coerce_tuple("tmpfs", self.tmpfs, Tmpfs.coerce))
+        overlays = _coerce_tuple(
+            "overlays", self.overlays, lambda v: v if isinstance(v, Overlay) else Overlay(**v) if isinstance(v, dict) else _bad_overlay(v)
+        )
+        set_("overlays", overlays)
+        if self.env is not None:
+            if not isinstance(self.env, Mapping):
+                raise SpecError("env", self.env, "must be a mapping of str to str")
+            env = {}
+            for k, v in self.env.items():
+                _text("env", k)
+                _text(f"env[{k!r}]", v)
+                if not k or "=" in k:
+                    raise SpecError("env", k, "variable names must be non-empty and contain no '='")
+                env[k] = v
+            set_("env", _FrozenDict(env))
+        if self.cwd is not None:
+            set_("cwd", _path("cwd", self.cwd))
+        if self.map_user not in MAP_USER_CHOICES:
+            raise SpecError("map_user", self.map_user, 'must be "root" or "self"')
+        set_("uid", _id("uid", self.uid))
+        set_("gid", _id("gid", self.gid))
+        for name in ("strict", "mount_proc", "loopback", "no_new_privs", "die_with_parent"):
+            _bool(name, getattr(self, name))
+        if self.umask is not None and (isinstance(self.umask, bool) or not isinstance(self.umask, int) or not 0 <= self.umask <= 0o777):
+            raise SpecError("umask", self.umask, "must be a mode between 0 and 0o777")
+
+    @classmethod
+    def from_kwargs(cls, source: str = "Spec", **kwargs: Any) -> Spec:
+        """Build from keywords (a marker's, an ini value's), naming unknown ones."""
+        known = {f.name for f in fields(cls)}
+        for k in kwargs:
+            if k not in known:
+                raise SpecError(k, kwargs[k], f"unknown {source} keyword; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Spec:
+        return replace(self, **changes)
+
+
+def _bad_overlay(v: Any) -> Overlay:
+    raise SpecError("overlays", v, "each overlay must be an Overlay or a dict of its fields")
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes, so a frozen Spec stays frozen (and hashable)."""
+
+    def _refuse(self, *a: Any, **k: Any) -> None:
+        raise TypeError("Spec.env is read-only; use spec.replace(env=...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
