@@ -105,10 +105,6 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
     return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny)
 
 
-def _hidden_by(path: str, targets: Sequence[str]) -> bool:
-    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
-
-
 def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list[Op]:
     """The ordered child operations for a spec and its plan."""
     ns = plan.namespaces
@@ -142,9 +138,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
             here = payload_cwd or os.getcwd()
-            hidden = [t.target for t in spec.tmpfs] + [o.target for o in spec.overlays]
-            visible = _hidden_by(here, [b.target or b.source for b in spec.binds]) or not _hidden_by(here, hidden)
-            cwd = here if visible and spec.root is None else "/"
+            cwd = here if spec.root is None and not spec.mount_root_hides(here) else "/"
     if cwd is not None:
         ops.append(Op("chdir", a=cwd, path=cwd))
     if spec.umask is not None:

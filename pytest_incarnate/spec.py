@@ -276,6 +276,15 @@ class Spec:
                 raise SpecError(k, kwargs[k], f"unknown {source} keyword; known: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
+    def mount_root_hides(self, path: str) -> bool:
+        """True if a tmpfs or overlay of this spec covers ``path`` (and no bind shows it)."""
+        def under(p: str, t: str) -> bool:
+            return p == t or p.startswith(t.rstrip("/") + "/")
+
+        if any(under(path, b.target or b.source) for b in self.binds):
+            return False
+        return any(under(path, t) for t in [x.target for x in self.tmpfs] + [o.target for o in self.overlays])
+
     def replace(self, **changes: Any) -> Spec:
         return replace(self, **changes)
 
