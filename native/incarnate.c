@@ -379,6 +379,14 @@ static int child_op(const struct inc_op *op)
     }
 }
 
+static void close_range_or_loop(unsigned lo, unsigned hi)
+{
+    if (syscall(SYS_close_range, lo, hi, 0U) == 0)
+        return;
+    for (unsigned fd = lo; fd <= hi && fd < 65536; fd++)
+        close((int)fd);
+}
+
 static void child_init_signals(sigset_t *set)
 {
     sigemptyset(set);
@@ -420,6 +428,13 @@ static void child_init_loop(const struct inc_child *cx, pid_t payload)
             }
         }
     }
+}
+
+static void child_close_all_but(int keep)
+{
+    if (keep > 0)
+        close_range_or_loop(0, (unsigned)keep - 1);
+    close_range_or_loop((unsigned)keep + 1, ~0U);
 }
 
 static int child_close_fds(const struct inc_spec *spec)
@@ -479,7 +494,10 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
         if (pid < 0)
             child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
         if (pid > 0) {
-            close(cx->err_w);       /* EOF for the parent once the payload is running */
+            /* The init keeps only its status pipe: any other fd it held (a stdin pipe's
+             * write end, the caller's result pipe) would keep the payload's peers from
+             * seeing EOF.  Closing err_w gives the parent EOF once the payload runs. */
+            child_close_all_but(cx->status_w);
             child_init_loop(cx, pid);
         }
         /* the payload, pid 2 */

@@ -7,6 +7,7 @@ a typed exception that names the step and the path.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -100,6 +101,7 @@ class Op:
     uid: int = 0
     gid: int = 0
     path: str | None = None
+    detail: str = ""
 
 
 @dataclass
@@ -199,7 +201,13 @@ def error_for(native: Native, res: Any) -> IncarnateError:
         return NonExecutablePayload(native.exe or "?", err)
     if step == STEP_OP and 0 <= idx < len(native.ops):
         op = native.ops[idx]
-        return SetupStepFailed(op.kind, err, op.path)
+        detail = op.detail
+        if err == errno.EROFS and op.kind in ("bind", "mount-tmpfs", "mount-overlay"):
+            detail += ("; " if detail else "") + (
+                "the mount point does not exist and the root is read-only: pick a target that exists, "
+                "or one under a tmpfs of the Spec (such as /tmp)"
+            )
+        return SetupStepFailed(op.kind, err, op.path, detail=detail)
     if step in (lib.INC_STEP_UID_MAP, lib.INC_STEP_GID_MAP, lib.INC_STEP_SETGROUPS):
         name = STEP_NAMES[step]
         data = {"uid_map": native.uid_map, "gid_map": native.gid_map, "setgroups": "deny"}[name]

@@ -122,12 +122,16 @@ class _OSLike(IncarnateError, OSError):
         return self._message
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (type(self), self.__dict__))
+        # errno/strerror/filename live in OSError's slots, not in __dict__.
+        return (_rebuild, (type(self), self.errno, self.filename, dict(self.__dict__)))
 
 
-def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+def _rebuild(cls: type, err: int, filename: str | None, state: dict[str, Any]) -> Any:
     obj = cls.__new__(cls)
-    OSError.__init__(obj, state.get("errno"), state.get("_message"))
+    OSError.__init__(obj, err, state.get("_message", ""))
+    obj.errno = err
+    obj.strerror = os.strerror(err) if err else state.get("_message", "")
+    obj.filename = filename
     obj.__dict__.update(state)
     return obj
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 from pytest_incarnate import _ffi
 from pytest_incarnate._ffi import Native, Op
-from pytest_incarnate.errors import IncarnateError, SetupStepFailed
+from pytest_incarnate.errors import CloneFailed, IncarnateError, SetupStepFailed
 from pytest_incarnate.spec import NAMESPACES
 
 SYSCTLS = {
@@ -119,6 +119,8 @@ def _trial(ns: tuple[str, ...], ops: list[Op], maps: tuple[str, str, bool] | Non
         )
     except SetupStepFailed as e:
         return False, e.step, e.errno or 0
+    except CloneFailed as e:
+        return False, "clone", e.errno or 0
     except IncarnateError as e:
         return False, getattr(e, "step", type(e).__name__), getattr(e, "errno", 0) or 0
     os.waitpid(st.pid, 0)
@@ -131,11 +133,23 @@ def id_maps(map_user: str = "root") -> tuple[str, str, bool]:
     """(uid_map, gid_map, setgroups deny) for a new user namespace of this process."""
     uid, gid = os.geteuid(), os.getegid()
     if uid == 0:
-        full = "0 0 4294967295"
-        return full, full, False
+        # Real root (or root of a user namespace): the identity over every id this
+        # namespace has, so file ownership keeps working inside.
+        return _identity("/proc/self/uid_map"), _identity("/proc/self/gid_map"), False
     inside_uid = 0 if map_user == "root" else uid
     inside_gid = 0 if map_user == "root" else gid
     return f"{inside_uid} {uid} 1", f"{inside_gid} {gid} 1", True
+
+
+def _identity(path: str) -> str:
+    try:
+        with open(path) as f:
+            extents = [line.split() for line in f if line.strip()]
+    except OSError:
+        extents = []
+    if not extents:
+        return "0 0 4294967295"
+    return "\n".join(f"{first} {first} {count}" for first, _, count in extents)
 
 
 def _why(err: int) -> str:

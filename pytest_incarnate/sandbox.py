@@ -134,7 +134,8 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
         for b in spec.binds:
             src = os.path.realpath(b.source)
             flags = BIND_REC | BIND_CREATE | (BIND_RO if b.readonly else 0)
-            ops.append(Op("bind", a=old + src, b=new + (b.target or b.source), flags=flags, path=b.source))
+            ops.append(Op("bind", a=old + src, b=new + (b.target or b.source), flags=flags, path=b.source,
+                          detail=f"onto {b.target}" + (" (read-only)" if b.readonly else "")))
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
             here = payload_cwd or os.getcwd()
@@ -222,6 +223,7 @@ class Handle:
         self.signal: int | None = None
         self.timed_out = False
         self._has_init = has_init
+        self.used_clone3 = started.used_clone3
         self._start = time.monotonic()
         self.duration = 0.0
 

@@ -123,7 +123,12 @@ class Tmpfs:
             return value
         if isinstance(value, (str, os.PathLike)):
             return cls(os.fspath(value))
-        raise SpecError("tmpfs", value, "each tmpfs must be a Tmpfs or a path")
+        if isinstance(value, dict):
+            unknown = set(value) - {"target", "size", "mode"}
+            if unknown or "target" not in value:
+                raise SpecError("tmpfs", value, "a tmpfs dict takes target, size and mode")
+            return cls(**value)
+        raise SpecError("tmpfs", value, "each tmpfs must be a Tmpfs, a path, or a dict of its fields")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""Shared helpers: counting what a run could leave behind on the host."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@dataclass(frozen=True)
+class HostState:
+    descendants: int
+    mounts: int
+    fds: int
+    tmp_entries: frozenset[str]
+
+
+def host_state() -> HostState:
+    with open("/proc/self/mountinfo") as f:
+        mounts = len(f.readlines())
+    return HostState(
+        descendants=len(_descendants(os.getpid())),
+        mounts=mounts,
+        fds=len(os.listdir("/proc/self/fd")),
+        tmp_entries=frozenset(os.listdir("/tmp")),
+    )
+
+
+@pytest.fixture
+def leak_check():
+    """Yields a function returning the host state; asserts nothing leaked at the end."""
+    before = host_state()
+    yield host_state
+    after = host_state()
+    assert after.descendants == before.descendants, "sandbox processes left behind"
+    assert after.mounts == before.mounts, "mounts left behind in the host's mount namespace"
+    assert after.fds == before.fds, f"file descriptors leaked: {sorted(os.listdir('/proc/self/fd'))}"
+    new_tmp = after.tmp_entries - before.tmp_entries
+    assert not {e for e in new_tmp if "incarnate" in e}, f"temp entries left: {new_tmp}"

@@ -1,0 +1,267 @@
+"""The Sandbox API against the real kernel: namespaces, mounts, the init, errors, leaks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pytest_incarnate import PIPE, Overlay, Sandbox, Spec
+from pytest_incarnate.errors import SandboxCrashed, SetupStepFailed
+
+PY = sys.executable
+
+
+def inside_facts() -> dict:
+    """Runs inside a sandbox: what the payload sees."""
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    with open("/proc/net/dev") as f:
+        ifaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    lo_flags = int(open("/sys/class/net/lo/flags").read(), 16) if os.path.exists("/sys/class/net/lo/flags") else None
+    return {"hostname": socket.gethostname(), "pid": os.getpid(), "pids": pids, "ifaces": ifaces, "lo_flags": lo_flags}
+
+
+def test_inside_hostname_pids_and_loopback(leak_check):
+    facts = Sandbox(Spec(hostname="inside-box")).call(inside_facts)
+    assert facts["hostname"] == "inside-box" != socket.gethostname()
+    assert facts["pid"] == 2
+    assert facts["pids"] == [1, 2]
+    assert facts["ifaces"] == ["lo"]
+    # lo is up: a server on 127.0.0.1 inside answers a client inside.
+    def echo() -> bytes:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        cli.sendall(b"ping")
+        return conn.recv(4)
+    assert Sandbox().call(echo) == b"ping"
+
+
+def test_program_sees_only_its_own_pids(leak_check):
+    r = Sandbox().run(["sh", "-c", 'echo $$; ls /proc | grep -E "^[0-9]+$" | sort -n | tr "\\n" " "'])
+    assert r.returncode == 0, r.stderr
+    first, pids = r.stdout.decode().splitlines()
+    assert first == "2"
+    assert pids.split()[:2] == ["1", "2"]  # 1 is the init, 2 the payload (then its own children)
+    assert r.namespaces == ("user", "mount", "pid", "net", "uts", "ipc", "cgroup")
+    assert r.degradations == ()
+
+
+def test_read_only_root_and_binds(tmp_path, leak_check):
+    ro = tmp_path / "ro"
+    rw = tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    sb = Sandbox(Spec(binds=[(str(ro), "/tmp/data/ro", "ro"), (str(rw), "/tmp/data/rw")]))
+    code = textwrap.dedent(
+        """
+        import errno, json, os
+        out = {}
+        for path in ("/etc/incarnate-probe", "/tmp/data/ro/x", "/tmp/data/rw/x", "/tmp/x"):
+            try:
+                with open(path, "w") as f:
+                    f.write("hi")
+                out[path] = "ok"
+            except OSError as e:
+                out[path] = errno.errorcode[e.errno]
+        print(json.dumps(out))
+        """
+    )
+    r = sb.run([PY, "-c", code])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got == {"/etc/incarnate-probe": "EROFS", "/tmp/data/ro/x": "EROFS", "/tmp/data/rw/x": "ok", "/tmp/x": "ok"}
+    assert (rw / "x").read_text() == "hi"  # the read-write bind reaches the host
+    assert not os.path.exists("/etc/incarnate-probe")
+    assert not (ro / "x").exists()
+
+
+def test_bind_onto_a_missing_target_in_the_read_only_root(tmp_path, leak_check):
+    with pytest.raises(SetupStepFailed) as exc:
+        Sandbox(Spec(binds=[(str(tmp_path), "/no-such-top-level-dir")])).run(["/bin/true"])
+    assert (exc.value.step, exc.value.errno) == ("bind", errno.EROFS)
+    assert "onto /no-such-top-level-dir" in str(exc.value) and "under a tmpfs" in str(exc.value)
+    assert not os.path.exists("/no-such-top-level-dir")
+
+
+def test_host_processes_cannot_be_signalled(leak_check):
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        def attack(pid: int) -> str:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                return "sent"
+            except OSError as e:
+                return errno.errorcode[e.errno]
+        assert victim.pid > 2
+        assert Sandbox().call(attack, victim.pid) == "ESRCH"
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_hundred_sandboxes_leave_nothing(leak_check):
+    sb = Sandbox()
+    for _ in range(100):
+        assert sb.run(["/bin/true"]).returncode == 0
+    for _ in range(20):
+        assert sb.call(os.getpid) == 2
+
+
+def test_setup_step_failures_are_typed(tmp_path, leak_check):
+    with pytest.raises(SetupStepFailed) as exc:
+        Sandbox(Spec(binds=[(str(tmp_path / "missing"), "/x")])).run(["/bin/true"])
+    assert exc.value.step == "bind"
+    assert exc.value.errno == errno.ENOENT
+    assert exc.value.path == str(tmp_path / "missing")
+    assert "bind" in str(exc.value) and "ENOENT" in str(exc.value)
+
+    ov = Overlay("/mnt", [str(tmp_path / "nolower")], str(tmp_path / "u"), str(tmp_path / "w"))
+    with pytest.raises(SetupStepFailed) as exc:
+        Sandbox(Spec(overlays=[ov])).run(["/bin/true"])
+    assert exc.value.step == "mount-overlay"
+    assert exc.value.errno == errno.ENOENT
+    assert exc.value.path == "/mnt"
+
+    with pytest.raises(SetupStepFailed) as exc:
+        Sandbox(Spec(cwd="/no/such/dir")).call(os.getcwd)
+    assert (exc.value.step, exc.value.errno) == ("chdir", errno.ENOENT)
+
+
+def test_overlay_operation(tmp_path, leak_check):
+    lower1, lower2, upper, work = (tmp_path / n for n in ("l1", "l2", "upper", "work"))
+    for d in (lower1, lower2, upper, work):
+        d.mkdir()
+    (lower1 / "top").write_text("from l1")
+    (lower2 / "top").write_text("from l2")
+    (lower2 / "below").write_text("from l2")
+    sb = Sandbox(Spec(overlays=[Overlay("/tmp/ovl", [str(lower1), str(lower2)], str(upper), str(work))]))
+    r = sb.run(["sh", "-c", "cat /tmp/ovl/top /tmp/ovl/below; echo new > /tmp/ovl/created; rm /tmp/ovl/below"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"from l1from l2"
+    assert (upper / "created").read_text() == "new\n"
+    assert (lower2 / "below").exists()  # deleted only in the overlay (a whiteout in upper)
+    assert os.path.exists(upper / "below") and os.stat(upper / "below").st_rdev == 0
+
+
+def test_exit_status_signal_and_pid1_forwarding(leak_check):
+    sb = Sandbox()
+    assert sb.run(["sh", "-c", "exit 7"]).returncode == 7
+    r = sb.run(["sh", "-c", "kill -KILL $$"])
+    assert (r.returncode, r.signal) == (-9, 9)
+    code = (
+        "import signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n"
+        "print('ready', flush=True)\n"
+        "signal.sigwait([signal.SIGTERM])\n"
+        "sys.exit(42)\n"
+    )
+    h = sb.spawn([PY, "-c", code], stdout=PIPE)
+    assert h.pid > 0 and h.pidfd >= 0
+    assert h.stdout.readline() == b"ready\n"
+    h.terminate()  # to the init, which forwards it to the payload
+    assert h.wait(timeout=10) == 42
+    h.stdout.close()
+
+
+def test_background_children_die_with_the_payload(leak_check):
+    r = Sandbox().run(["sh", "-c", "sleep 1000 & sleep 1000 & echo $!"])
+    assert r.returncode == 0
+    # The init exited with the payload; the kernel killed the rest before the wait returned.
+    assert leak_check().descendants == 0
+
+
+def test_timeout_kills_the_whole_sandbox(leak_check):
+    r = Sandbox().run(["sh", "-c", "sleep 1000 & sleep 1000"], timeout=0.3)
+    assert r.timed_out and r.signal == signal.SIGKILL
+    assert not r.ok
+
+
+def test_communicate_env_cwd_and_uid(tmp_path, leak_check):
+    sb = Sandbox(Spec(env={"ONLY": "this", "PATH": "/usr/bin:/bin"}, cwd="/usr", uid=65534, gid=65534))
+    r = sb.run(["sh", "-c", "cat; env | sort; pwd; id -u; id -g"], input=b"stdin-data\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "stdin-data"
+    assert "ONLY=this" in lines and not any(line.startswith("HOME=") for line in lines)
+    assert lines[-3:] == ["/usr", "65534", "65534"]
+
+
+def test_fds_are_closed_except_pass_fds(leak_check):
+    keep = os.open("/dev/null", os.O_RDONLY)
+    stray = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(keep, True)
+    os.set_inheritable(stray, True)
+    try:
+        h = Sandbox().spawn(["sh", "-c", "ls /proc/self/fd"], stdout=PIPE, pass_fds=[keep])
+        out, _ = h.communicate()
+        fds = {int(x) for x in out.split()}
+        assert keep in fds
+        assert stray not in fds
+    finally:
+        os.close(keep)
+        os.close(stray)
+
+
+def test_clone_fallback_without_clone3(leak_check):
+    sb = Sandbox(Spec(hostname="legacy"))
+    sb._use_clone3 = False  # test hook: go straight to clone(2), as on a kernel without clone3
+    h = sb.spawn(["hostname"], stdout=PIPE)
+    out, _ = h.communicate()
+    assert out == b"legacy\n"
+    assert h.used_clone3 is False
+    h2 = Sandbox().spawn(["/bin/true"])
+    h2.wait()
+    assert h2.used_clone3 is True
+
+
+def test_call_returns_and_raises(leak_check):
+    sb = Sandbox()
+    assert sb.call(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        sb.call(lambda: 1 / 0)
+    with pytest.raises(SandboxCrashed) as exc:
+        sb.call(os._exit, 3)
+    assert exc.value.returncode == 3
+    with pytest.raises(SandboxCrashed) as exc:
+        sb.call(os.kill, 2, signal.SIGKILL)
+    assert exc.value.signal == signal.SIGKILL
+    assert "SIGKILL" in str(exc.value)
+    with pytest.raises(SandboxCrashed, match="cannot be pickled"):
+        sb.call(lambda: (lambda: 0))
+
+
+def test_sandbox_dies_with_its_parent(tmp_path, leak_check):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, sys
+        from pytest_incarnate import Sandbox, PIPE
+        h = Sandbox().spawn(["sh", "-c", "echo up; exec sleep 1000"], stdout=PIPE)
+        assert h.stdout.readline() == b"up\\n"
+        print(h.pid, flush=True)
+        os._exit(0)  # the parent dies without cleaning up
+        """
+    ))
+    out = subprocess.run([PY, str(script)], capture_output=True, check=True, text=True).stdout
+    init_pid = int(out)
+    try:
+        pidfd = os.pidfd_open(init_pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        ready, _, _ = select.select([pidfd], [], [], 10)
+        assert ready, "the sandbox outlived its parent"
+    finally:
+        os.close(pidfd)
