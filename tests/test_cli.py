@@ -1,0 +1,59 @@
+"""The ``pytest-incarnate`` command: probe exit codes and output, run's isolation and status."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "pytest_incarnate.cli"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_probe_text_and_json() -> None:
+    r = cli("probe")
+    assert r.returncode == 0, r.stderr
+    assert "ns.user: yes" in r.stdout
+    j = cli("probe", "--json")
+    data = json.loads(j.stdout)
+    assert data["capabilities"]["ns.mount"]["granted"] is True
+    assert data["missing"] == []
+
+
+def test_probe_require_exit_codes() -> None:
+    assert cli("probe", "--require", "ns.user,ns.mount", "--require", "overlay").returncode == 0
+    unknown = cli("probe", "--require", "ns.bogus")
+    assert unknown.returncode == 2
+    assert "unknown capability ns.bogus" in unknown.stderr
+
+
+def test_probe_require_missing_exits_3_with_the_reason() -> None:
+    # Take CAP_SYS_ADMIN away for real and forbid user namespaces: ns.mount is missing.
+    script = "echo 0 > /proc/sys/user/max_user_namespaces && exec setpriv --inh-caps=-sys_admin " \
+             "--bounding-set=-sys_admin " + " ".join(CLI) + " probe --require ns.mount,ns.user"
+    r = subprocess.run(["unshare", "-Ur", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "missing required: ns.mount, ns.user" in r.stderr
+    assert "user.max_user_namespaces is 0" in r.stdout
+
+
+def test_run_isolates_and_returns_the_status() -> None:
+    r = cli("run", "--hostname", "cli-box", "--", "sh", "-c", "hostname; echo $$; exit 5")
+    assert r.returncode == 5
+    assert r.stdout.split() == ["cli-box", "2"]
+    assert socket.gethostname() != "cli-box"
+    killed = cli("run", "--", "sh", "-c", "kill -TERM $$")
+    assert killed.returncode == 128 + 15
+
+
+@pytest.mark.parametrize("args", [("run", "--", "/no/such/cmd"), ("run", "--bind", "/no/such:/tmp/x", "--", "true")])
+def test_run_setup_failure_exits_125(args: tuple[str, ...]) -> None:
+    r = cli(*args)
+    assert r.returncode == 125
+    assert "pytest-incarnate run:" in r.stderr and "ENOENT" in r.stderr
