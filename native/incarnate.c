@@ -464,6 +464,38 @@ static void child_exec(const struct inc_spec *spec, const struct inc_child *cx)
     child_fail(cx, INC_STEP_EXEC, errno, -1);
 }
 
+static void payload_prepare(const struct inc_spec *spec, struct inc_child *cx)
+{
+    if (spec->die_with_parent)
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &cx->oldmask, NULL, KSIGSET_SIZE);
+}
+
+struct payload_arg {
+    const struct inc_spec *spec;
+    struct inc_child *cx;
+};
+
+/* The spawn-mode payload, started with CLONE_VM|CLONE_VFORK: it must only exec or _exit. */
+static int payload_main(void *p)
+{
+    struct payload_arg *pa = p;
+    payload_prepare(pa->spec, pa->cx);
+    if (pa->cx->status_w >= 0)
+        close(pa->cx->status_w);
+    child_exec(pa->spec, pa->cx);
+    _exit(127);
+}
+
+/* The payload's stack: memory of the init's own (a private copy after clone), in
+ * static storage so that it costs nothing until touched. */
+static char payload_stack[64 * 1024] __attribute__((aligned(16)));
+
+static void *payload_stack_top(void)
+{
+    return payload_stack + sizeof payload_stack;
+}
+
 /* Runs in the cloned child.  Returns only in enter mode, in the payload. */
 static void child_main(const struct inc_spec *spec, struct inc_child *cx, int enter)
 {
@@ -490,7 +522,16 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
         child_init_signals(&set);
         if (syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, &cx->oldmask, KSIGSET_SIZE) < 0)
             child_fail(cx, INC_STEP_SIGMASK, errno, -1);
-        pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+        pid_t pid;
+        if (!enter && spec->argv != NULL) {
+            /* Spawn mode: the payload shares the init's memory until it execs (vfork
+             * semantics, on a stack of its own), so the init does not copy the caller's
+             * whole address space a second time.  The init is suspended meanwhile. */
+            struct payload_arg pa = {spec, cx};
+            pid = clone(payload_main, payload_stack_top(), CLONE_VM | CLONE_VFORK | SIGCHLD, &pa);
+        } else {
+            pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+        }
         if (pid < 0)
             child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
         if (pid > 0) {
@@ -500,10 +541,8 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
             child_close_all_but(cx->status_w);
             child_init_loop(cx, pid);
         }
-        /* the payload, pid 2 */
-        if (spec->die_with_parent)
-            prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-        syscall(SYS_rt_sigprocmask, SIG_SETMASK, &cx->oldmask, NULL, KSIGSET_SIZE);
+        /* the payload, pid 2 (enter mode, or a trial) */
+        payload_prepare(spec, cx);
     }
     if (cx->status_w >= 0)
         close(cx->status_w);
