@@ -259,25 +259,36 @@ def _probe() -> Capabilities:
             )
         items.append(cap)
 
-    # Operations inside a user namespace (the path every sandbox takes by default).
+    # Root-filesystem operations, the way a default sandbox does them: inside a user
+    # namespace when there is one, else directly (root with CAP_SYS_ADMIN).
+    by_ns = {c.name: c for c in items}
     if userns_ok and not lsm_blocked:
-        stage = [Op("make-rprivate", a="/"), Op("stage-root", a="/tmp", path="/tmp")]
-        ok, step, err = _trial(("user", "mount"), stage, maps)
-        items.append(Capability("pivot_root", ok, "" if ok else f"{step} failed: {_why(err)}"))
-        ovl = stage + [Op("mkdir", a=f"/{d}", ival=0o755) for d in ("l1", "l2", "u", "w", "m")] + [
-            Op("mount-overlay", b="/m", c="lowerdir=/l1:/l2,upperdir=/u,workdir=/w,userxattr", path="/m")
-        ]
-        ok, step, err = _trial(("user", "mount"), ovl, maps)
-        items.append(
-            Capability(
-                "overlay", ok, "" if ok else f"overlay inside a user namespace: {step} failed: {_why(err)}", "" if ok else "a kernel >= 5.11 allows overlayfs in user namespaces"
-            )
-        )
-        ok, step, err = _trial(("user", "mount", "pid"), [Op("make-rprivate", a="/"), Op("mount-proc", b="/proc", path="/proc")], maps)
-        items.append(Capability("proc", ok, "" if ok else f"{step} failed: {_why(err)}"))
+        base: tuple[str, ...] = ("user",)
+        how, base_maps, xattr = "inside a user namespace", maps, ",userxattr"
+    elif by_ns["ns.mount"].granted:
+        base, how, base_maps, xattr = (), "as root", None, ""
     else:
-        why = "no usable user namespace"
-        items += [Capability(n, False, why, "see ns.user") for n in ("pivot_root", "overlay", "proc")]
+        base = None  # type: ignore[assignment]
+    if base is not None:
+        stage = [Op("make-rprivate", a="/"), Op("stage-root", a="/tmp", path="/tmp")]
+        ok, step, err = _trial(base + ("mount",), stage, base_maps)
+        items.append(Capability("pivot_root", ok, "" if ok else f"{how}: {step} failed: {_why(err)}"))
+        ovl = stage + [Op("mkdir", a=f"/{d}", ival=0o755) for d in ("l1", "l2", "u", "w", "m")] + [
+            Op("mount-overlay", b="/m", c="lowerdir=/l1:/l2,upperdir=/u,workdir=/w" + xattr, path="/m")
+        ]
+        ok, step, err = _trial(base + ("mount",), ovl, base_maps)
+        fix = "a kernel >= 5.11 allows overlayfs in user namespaces" if base else "load the overlay module"
+        items.append(Capability("overlay", ok, "" if ok else f"overlay {how}: {step} failed: {_why(err)}", "" if ok else fix))
+        pid_ok = by_ns["ns.pid"].granted
+        if pid_ok:
+            proc_ops = [Op("make-rprivate", a="/"), Op("mount-proc", b="/proc", path="/proc")]
+            ok, step, err = _trial(base + ("mount", "pid"), proc_ops, base_maps)
+            items.append(Capability("proc", ok, "" if ok else f"{how}: {step} failed: {_why(err)}"))
+        else:
+            items.append(Capability("proc", False, "no pid namespace to mount a fresh /proc for", "see ns.pid"))
+    else:
+        why = "no mount namespace: neither CAP_SYS_ADMIN nor a usable user namespace"
+        items += [Capability(n, False, why, "see ns.user and ns.mount") for n in ("pivot_root", "overlay", "proc")]
 
     st = _ffi.spawn(Native(ns=(), ops=[], use_init=False))
     os.waitpid(st.pid, 0)
