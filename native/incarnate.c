@@ -27,6 +27,9 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
+#include <poll.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -142,7 +145,11 @@ static int child_resolve(const char *path, int create, int want_dir)
 {
     char buf[4096];
     size_t len = c_strlen(path);
-    if (len == 0 || len >= sizeof buf || path[0] != '/') {
+    if (len >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    if (len == 0 || path[0] != '/') {
         errno = EINVAL;
         return -1;
     }
@@ -186,9 +193,15 @@ static int child_resolve(const char *path, int create, int want_dir)
             fd = openat(dirfd, comp, flags);
         }
         int e = errno;
+        if (fd < 0 && e == ENOTDIR) {
+            /* A symlink where a directory was needed is refused as one (ELOOP). */
+            struct stat lst;
+            if (fstatat(dirfd, comp, &lst, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(lst.st_mode))
+                e = ELOOP;
+        }
         close(dirfd);
         if (fd < 0) {
-            errno = (e == ENOTDIR) ? ELOOP : e;   /* a symlink where a directory was needed */
+            errno = e;
             return -1;
         }
         struct stat st;
@@ -218,6 +231,34 @@ static int child_ensure(const char *path, int create, int want_dir)
     return 0;
 }
 
+/* Mount flags a remount must keep: in a user namespace they are locked. */
+static unsigned long child_locked_flags(const char *path)
+{
+    struct statfs sf;
+    unsigned long f = 0;
+    if (statfs(path, &sf) < 0)
+        return 0;
+    if (sf.f_flags & ST_NOSUID)
+        f |= MS_NOSUID;
+    if (sf.f_flags & ST_NODEV)
+        f |= MS_NODEV;
+    if (sf.f_flags & ST_NOEXEC)
+        f |= MS_NOEXEC;
+    if (sf.f_flags & ST_NOATIME)
+        f |= MS_NOATIME;
+    if (sf.f_flags & ST_NODIRATIME)
+        f |= MS_NODIRATIME;
+    if (sf.f_flags & ST_RELATIME)
+        f |= MS_RELATIME;
+    return f;
+}
+
+/* Read-only by remount (kernels without mount_setattr): the top mount only. */
+static int child_remount_ro_top(const char *path)
+{
+    return mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | child_locked_flags(path), NULL);
+}
+
 static int child_bind(const struct inc_op *op)
 {
     int rec = (op->flags & INC_BIND_REC) ? AT_RECURSIVE : 0;
@@ -233,12 +274,12 @@ static int child_bind(const struct inc_op *op)
         if (mount(op->a, op->b, NULL, f, NULL) < 0)
             return -1;
         if (op->flags & INC_BIND_RO)
-            return mount(NULL, op->b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL);
+            return child_remount_ro_top(op->b);
         return 0;
     }
     if (tree < 0)
         return -1;
-    int e;
+    int e, ro_late = 0;
     struct stat st;
     if (fstat(tree, &st) < 0)
         goto fail;
@@ -246,8 +287,11 @@ static int child_bind(const struct inc_op *op)
         struct inc_mount_attr attr;
         memset(&attr, 0, sizeof attr);
         attr.attr_set = MOUNT_ATTR_RDONLY;
-        if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | rec, &attr, sizeof attr) < 0)
-            goto fail;
+        if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | rec, &attr, sizeof attr) < 0) {
+            if (errno != ENOSYS)
+                goto fail;
+            ro_late = 1;   /* Linux 5.2 to 5.11: open_tree without mount_setattr */
+        }
     }
     int target = child_resolve(op->b, op->flags & INC_BIND_CREATE, S_ISDIR(st.st_mode));
     if (target < 0)
@@ -261,6 +305,8 @@ static int child_bind(const struct inc_op *op)
     }
     close(target);
     close(tree);
+    if (ro_late)
+        return child_remount_ro_top(op->b);
     return 0;
 fail:
     e = errno;
@@ -278,7 +324,7 @@ static int child_remount_ro(const char *path)
         return 0;
     if (errno != ENOSYS)
         return -1;
-    return mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL);
+    return child_remount_ro_top(path);
 }
 
 static int child_loopback(void)
@@ -454,12 +500,27 @@ static void child_exec(const struct inc_spec *spec, const struct inc_child *cx)
     if (spec->setsid_payload && setsid() < 0)
         child_fail(cx, INC_STEP_SETSID, errno, -1);
     int fds[3] = {spec->stdin_fd, spec->stdout_fd, spec->stderr_fd};
+    /* A source that is itself 0, 1 or 2 is moved out of the way first, so that an
+     * earlier dup2 cannot replace it (stdout=PIPE, stderr=1, say). */
     for (int i = 0; i < 3; i++) {
-        if (fds[i] >= 0 && fds[i] != i && dup2(fds[i], i) < 0)
+        if (fds[i] >= 0 && fds[i] < 3 && fds[i] != i && (fds[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3)) < 0)
+            child_fail(cx, INC_STEP_STDIO, errno, -1);
+    }
+    for (int i = 0; i < 3; i++) {
+        if (fds[i] < 0)
+            continue;
+        if ((fds[i] == i ? fcntl(i, F_SETFD, 0) : dup2(fds[i], i)) < 0)
             child_fail(cx, INC_STEP_STDIO, errno, -1);
     }
     if (spec->close_fds && child_close_fds(spec) < 0)
         child_fail(cx, INC_STEP_CLOSE_FDS, errno, -1);
+    /* Python ignores SIGPIPE and SIGXFSZ; programs expect the defaults (as subprocess's
+     * restore_signals does). */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGPIPE, &dfl, NULL);
+    sigaction(SIGXFSZ, &dfl, NULL);
     execve(spec->exe, spec->argv, spec->envp);
     child_fail(cx, INC_STEP_EXEC, errno, -1);
 }
@@ -510,11 +571,30 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
     } while (n < 0 && errno == EINTR);
     if (n != 1)
         _exit(127);
-    close(cx->sync_r);
 
     for (int i = 0; i < spec->n_ops; i++) {
         if (child_op(&spec->ops[i]) < 0)
             child_fail(cx, INC_STEP_OP, errno, i);
+    }
+    if (spec->die_with_parent) {
+        /* Changing ids or capabilities (drop-privileges) clears the parent-death signal:
+         * arm it again, then check that the parent still holds its end of the sync pipe
+         * (it keeps it until the payload runs). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+            child_fail(cx, INC_STEP_PDEATHSIG, errno, -1);
+        struct pollfd pfd = {cx->sync_r, POLLIN, 0};
+        if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLHUP | POLLIN | POLLERR)))
+            _exit(127);
+    }
+    close(cx->sync_r);
+    {
+        /* A caller ignoring SIGCHLD would make the kernel reap the payload behind the
+         * init's back. */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        if (sigaction(SIGCHLD, &dfl, NULL) < 0)
+            child_fail(cx, INC_STEP_SIGMASK, errno, -1);
     }
 
     if ((spec->ns_flags & INC_NS_PID) && spec->use_init) {
@@ -567,10 +647,14 @@ static pid_t parent_clone(const struct inc_spec *spec, int *pidfd, int *used3)
         a.pidfd = (uint64_t)(uintptr_t)pidfd;
         a.exit_signal = SIGCHLD;
         long r = syscall(SYS_clone3, &a, sizeof a);
-        if (r >= 0 || errno != ENOSYS) {
+        if (r >= 0) {
             *used3 = 1;
             return (pid_t)r;
         }
+        /* ENOSYS: no clone3.  EPERM: a seccomp profile that predates it (older Docker,
+         * runc, podman) refuses what it does not know; clone(2) then says the truth. */
+        if (errno != ENOSYS && errno != EPERM)
+            return -1;
     }
     unsigned long f = (unsigned long)(unsigned)spec->ns_flags | SIGCHLD | (spec->want_pidfd ? CLONE_PIDFD : 0);
     return (pid_t)syscall(SYS_clone, f, 0, spec->want_pidfd ? pidfd : NULL, NULL, 0);
@@ -645,7 +729,12 @@ static int parent_read_record(int fd, struct inc_record *rec)
             return -1;
         }
         if (n == 0)
-            return got == 0 ? 0 : -1;
+        {
+            if (got == 0)
+                return 0;
+            errno = EIO;   /* a torn record */
+            return -1;
+        }
         got += (size_t)n;
     }
     return 1;
@@ -706,15 +795,18 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
     do {
         w = write(sync[1], "g", 1);
     } while (w < 0 && errno == EINTR);
-    if (w != 1) {
-        res->step = INC_STEP_SYNC;
-        res->err = errno;
+    int werr = errno;
+
+    /* sync[1] stays open until the payload runs: the child checks it to know that its
+     * parent is still alive after its last setup step. */
+    struct inc_record rec;
+    int r = parent_read_record(errp[0], &rec);
+    if (w != 1 && r == 0) {
+        res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
+        res->err = werr ? werr : EPIPE;
         goto fail_child;
     }
     close_if(&sync[1]);
-
-    struct inc_record rec;
-    int r = parent_read_record(errp[0], &rec);
     if (r != 0) {
         if (r < 0) {
             res->step = INC_STEP_SYNC;
@@ -761,6 +853,8 @@ int inc_status_size(void)
 static void monitor(struct inc_result *res)
 {
     int st = 0;
+    /* Hold nothing of the caller's (a concurrent spawn's error pipe, say). */
+    child_close_all_but(res->status_fd);
     while (waitpid(res->pid, &st, 0) < 0) {
         if (errno != EINTR)
             _exit(125);
@@ -799,6 +893,10 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != spec->expect_ppid)
             _exit(125);
     }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGCHLD, &dfl, NULL);   /* the monitor must be able to wait */
     int r = start(spec, res, 1);
     if (r == 1) {
         /* the payload */

@@ -7,8 +7,10 @@ a typed exception that names the step and the path.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -64,6 +66,21 @@ BIND_RO = lib.INC_BIND_RO
 BIND_CREATE = lib.INC_BIND_CREATE
 BIND_REC = lib.INC_BIND_REC
 DROP_SETGROUPS = lib.INC_DROP_SETGROUPS
+
+# The strings each op kind reads in the child (a NULL there would crash it).
+_REQUIRED = {
+    "hostname": "a",
+    "make-rprivate": "a",
+    "mount-tmpfs": "bc",
+    "bind": "ab",
+    "mount-overlay": "bc",
+    "mount-proc": "b",
+    "stage-root": "a",
+    "pivot_root": "a",
+    "mkdir": "a",
+    "chdir": "a",
+    "remount-ro": "a",
+}
 
 STEP_NAMES = {
     lib.INC_STEP_PIPE: "pipe",
@@ -157,6 +174,9 @@ class Native:
         ops = ffi.new("struct inc_op[]", max(1, len(self.ops)))
         self._keep.append(ops)
         for i, op in enumerate(self.ops):
+            missing = [k for k in _REQUIRED.get(op.kind, "") if getattr(op, k) is None]
+            if missing:
+                raise ValueError(f"op {i} ({op.kind}) lacks {', '.join(missing)}")
             c = ops[i]
             c.kind = OP_KINDS[op.kind]
             c.ival = op.ival
@@ -215,12 +235,43 @@ def error_for(native: Native, res: Any) -> IncarnateError:
     return SetupStepFailed(STEP_NAMES.get(step, f"step {step}"), err)
 
 
+# The parent-death signal follows the thread that created the child, not the process: a
+# sandbox spawned from a short-lived thread would be killed when that thread ends.  Spawns
+# from other threads are therefore made by one long-lived thread of this module's.
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawner_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="incarnate-spawn")
+        return _spawner
+
+
 def spawn(native: Native) -> Started:
     spec = native.build()
     res = ffi.new("struct inc_result *")
-    if lib.inc_spawn(spec, res) != 0:
+    if threading.current_thread() is threading.main_thread():
+        rc = lib.inc_spawn(spec, res)
+    else:
+        rc = _spawner_pool().submit(lib.inc_spawn, spec, res).result()
+    if rc != 0:
         raise error_for(native, res)
     return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3))
+
+
+def abandon(started: Started) -> None:
+    """Kill and reap a started sandbox whose handle could not be made (an interrupt)."""
+    try:
+        os.kill(started.pid, 9)
+    except ProcessLookupError:
+        pass
+    os.waitpid(started.pid, 0)
+    for fd in (started.pidfd, started.status_fd):
+        if fd >= 0:
+            os.close(fd)
 
 
 def enter(native: Native) -> None:

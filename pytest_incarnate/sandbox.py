@@ -119,7 +119,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
         old = "/oldroot"
         ops.append(Op("make-rprivate", a="/", path="/"))
         ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
-        root_src = spec.root or "/"
+        root_src = os.path.realpath(spec.root) if spec.root else "/"
         ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new, flags=BIND_RO | BIND_REC, path=root_src))
         if spec.mount_proc and "pid" in ns:
             ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
@@ -127,9 +127,12 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
             ops.append(Op("mount-tmpfs", b=new + t.target, c=t.data(), flags=BIND_CREATE, path=t.target))
         userxattr = ",userxattr" if "user" in ns else ""
         for o in spec.overlays:
-            data = "lowerdir=" + ":".join(old + p for p in o.lower)
-            if o.upper is not None:
-                data += f",upperdir={old}{o.upper},workdir={old}{o.work}"
+            # Host paths are resolved here: after the staging pivot an absolute symlink
+            # would resolve against the staging root, not the host's.
+            real = os.path.realpath
+            data = "lowerdir=" + ":".join(old + real(p) for p in o.lower)
+            if o.upper is not None and o.work is not None:
+                data += f",upperdir={old}{real(o.upper)},workdir={old}{real(o.work)}"
             ops.append(Op("mount-overlay", b=new + o.target, c=data + userxattr, flags=BIND_CREATE, path=o.target))
         for b in spec.binds:
             src = os.path.realpath(b.source)
@@ -276,27 +279,32 @@ class Handle:
             except InterruptedError:
                 continue
             except ChildProcessError:
-                pid, status = self.pid, 0
+                # Someone else reaped it (SIGCHLD ignored, or a stray waitpid(-1)):
+                # the status is lost, and saying "0" would be a lie.
+                self.returncode = 255
+                self._close_fds()
+                raise SandboxCrashed(f"sandbox pid {self.pid} was reaped by someone else; its status is lost") from None
             break
         if pid == 0:
             return
         self.duration = time.monotonic() - self._start
         if self._status_fd >= 0:
-            try:
-                data = os.read(self._status_fd, _ffi.STATUS_SIZE)
-                if len(data) == _ffi.STATUS_SIZE:
-                    status = int.from_bytes(data, "little", signed=True)
-            finally:
-                os.close(self._status_fd)
-                self._status_fd = -1
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+            data = os.read(self._status_fd, _ffi.STATUS_SIZE)
+            if len(data) == _ffi.STATUS_SIZE:
+                status = int.from_bytes(data, "little", signed=True)
+        self._close_fds()
         if os.WIFSIGNALED(status):
             self.signal = os.WTERMSIG(status)
             self.returncode = -self.signal
         else:
             self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+
+    def _close_fds(self) -> None:
+        for name in ("_status_fd", "pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is not None:
@@ -369,6 +377,10 @@ class Handle:
                 if not pending:
                     writer.close()
                     writer = None
+        res = [None if f is None else b"".join(out[f.fileno()]) for f in (self.stdout, self.stderr)]
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             self.wait(remaining)
@@ -376,13 +388,6 @@ class Handle:
             self.timed_out = True
             self.kill()
             self.wait()
-        res = []
-        for f in (self.stdout, self.stderr):
-            if f is None:
-                res.append(None)
-            else:
-                res.append(b"".join(out[f.fileno()]))
-                f.close()
         return res[0], res[1]
 
 
@@ -480,6 +485,11 @@ class Sandbox:
 
             plan, started = self._run_native(plan, make, _ffi.spawn)
             has_init = "pid" in plan.namespaces
+            try:
+                handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init)
+            except BaseException:
+                _ffi.abandon(started)
+                raise
         except BaseException:
             for f in parent_ends:
                 if f is not None:
@@ -488,7 +498,7 @@ class Sandbox:
         finally:
             for fd in to_close:
                 os.close(fd)
-        return Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init)
+        return handle
 
     def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float | None = None,
             capture_output: bool = True) -> Result:

@@ -265,3 +265,72 @@ def test_sandbox_dies_with_its_parent(tmp_path, leak_check):
         assert ready, "the sandbox outlived its parent"
     finally:
         os.close(pidfd)
+
+
+def test_spawn_from_a_thread_outlives_the_thread(leak_check):
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(h=Sandbox().spawn(["sh", "-c", "read x; exit 3"], stdin=PIPE)))
+    t.start()
+    t.join()
+    h = box["h"]
+    h.stdin.write(b"go\n")
+    h.stdin.close()
+    assert h.wait(timeout=10) == 3  # not killed when the spawning thread ended
+
+
+def test_stdio_redirections_do_not_cross(leak_check):
+    r_out, w_out = os.pipe()
+    try:
+        h = Sandbox().spawn(["sh", "-c", "echo out; echo err >&2"], stdout=PIPE, stderr=w_out)
+        out, _ = h.communicate()
+        os.close(w_out)
+        w_out = -1
+        assert out == b"out\n"
+        assert os.read(r_out, 100) == b"err\n"
+    finally:
+        os.close(r_out)
+        if w_out >= 0:
+            os.close(w_out)
+
+
+def test_payload_gets_default_sigpipe(leak_check):
+    # Python ignores SIGPIPE; the payload must not inherit that.
+    r = Sandbox().run(["sh", "-c", "yes | head -c1 >/dev/null; exit ${PIPESTATUS:-0}"])
+    assert r.returncode == 0 and b"Broken pipe" not in r.stderr
+
+
+def test_sigchld_ignored_by_the_caller(leak_check):
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with pytest.raises(SandboxCrashed, match="reaped by someone else"):
+            Sandbox().run(["false"], timeout=10)
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    # With SIGCHLD back to default, the same command reports its real status.
+    assert Sandbox().run(["false"]).returncode == 1
+
+
+def test_drop_privileges_keeps_the_parent_death_signal(tmp_path, leak_check):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os
+        from pytest_incarnate import Sandbox, Spec, PIPE
+        h = Sandbox(Spec(uid=65534, gid=65534)).spawn(["sh", "-c", "echo up; exec sleep 1000"], stdout=PIPE)
+        assert h.stdout.readline() == b"up\\n"
+        print(h.pid, flush=True)
+        os._exit(0)
+        """
+    ))
+    init_pid = int(subprocess.run([PY, str(script)], capture_output=True, check=True, text=True).stdout)
+    try:
+        pidfd = os.pidfd_open(init_pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([pidfd], [], [], 10)
+        assert ready, "the sandbox outlived its parent after dropping privileges"
+    finally:
+        os.close(pidfd)
