@@ -129,8 +129,20 @@ def _trial(ns: tuple[str, ...], ops: list[Op], maps: tuple[str, str, bool] | Non
     return True, "", 0
 
 
+_maps_cache: dict[tuple[int, int, int, str], tuple[str, str, bool]] = {}
+
+
 def id_maps(map_user: str = "root") -> tuple[str, str, bool]:
-    """(uid_map, gid_map, setgroups deny) for a new user namespace of this process."""
+    """(uid_map, gid_map, setgroups deny) for a new user namespace of this process
+    (cached per process and ids: it is on every sandbox's path)."""
+    key = (os.getpid(), os.geteuid(), os.getegid(), map_user)
+    maps = _maps_cache.get(key)
+    if maps is None:
+        maps = _maps_cache[key] = _id_maps(map_user)
+    return maps
+
+
+def _id_maps(map_user: str) -> tuple[str, str, bool]:
     uid, gid = os.geteuid(), os.getegid()
     if uid == 0:
         # Real root (or root of a user namespace): the identity over every id this
