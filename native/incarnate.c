@@ -76,6 +76,9 @@
 #endif
 
 #define KSIGSET_SIZE 8   /* the kernel's sigset size on Linux */
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
 
 struct inc_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
@@ -98,6 +101,7 @@ struct inc_child {
     int sync_r;      /* go byte from the parent */
     int err_w;       /* error records, close-on-exec */
     int status_w;    /* init -> monitor/parent: the payload's wait status */
+    int hold_fd;     /* INC_OP_HOLD's fd, kept by the init; -1 if none */
     sigset_t oldmask;
 };
 
@@ -371,9 +375,68 @@ static int child_pivot(const char *newroot)
     return chdir("/");
 }
 
-static int child_op(const struct inc_op *op)
+static int child_read_go(const struct inc_child *cx)
+{
+    char go = 0;
+    ssize_t n;
+    do {
+        n = read(cx->sync_r, &go, 1);
+    } while (n < 0 && errno == EINTR);
+    return n == 1 && go == 'g' ? 0 : -1;
+}
+
+static int child_unshare(struct inc_child *cx, int flags, int index)
+{
+    if (unshare(flags) < 0)
+        return -1;
+    if (flags & CLONE_NEWUSER) {
+        struct inc_record rec = {INC_STEP_MAPS_REQUEST, 0, index, 0};
+        c_write_all(cx->err_w, &rec, sizeof rec);
+        if (child_read_go(cx) < 0)
+            _exit(127);   /* the parent gave up (it reports why) or died */
+    }
+    return 0;
+}
+
+static int child_hold(struct inc_child *cx, const struct inc_op *op)
+{
+    int fd = open(op->a, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (fd != op->ival) {
+        if (dup3(fd, op->ival, O_CLOEXEC) < 0) {
+            int e = errno;
+            close(fd);
+            errno = e;
+            return -1;
+        }
+        close(fd);
+    }
+    cx->hold_fd = op->ival;
+    /* Pause until the parent has taken its duplicate (pidfd_getfd): a payload that ends at
+     * once must not take the init, and the fd, with it before that. */
+    struct inc_record rec = {INC_STEP_HOLD_READY, 0, -1, op->ival};
+    c_write_all(cx->err_w, &rec, sizeof rec);
+    if (child_read_go(cx) < 0)
+        _exit(127);
+    return 0;
+}
+
+static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
 {
     switch (op->kind) {
+    case INC_OP_UNSHARE:
+        return child_unshare(cx, op->ival, index);
+    case INC_OP_HOLD:
+        return child_hold(cx, op);
+    case INC_OP_SYMLINK:
+        if (symlink(op->a, op->b) < 0 && errno != EEXIST)
+            return -1;
+        return 0;
+    case INC_OP_DEVPTS:
+        if (child_ensure(op->b, 1, 1) < 0)
+            return -1;
+        return mount("devpts", op->b, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
     case INC_OP_HOSTNAME:
         return sethostname(op->a, c_strlen(op->a));
     case INC_OP_LOOPBACK:
@@ -476,11 +539,21 @@ static void child_init_loop(const struct inc_child *cx, pid_t payload)
     }
 }
 
-static void child_close_all_but(int keep)
+/* Close every fd but keep_a and keep_b (either may be -1). */
+static void child_close_all_but(int keep_a, int keep_b)
 {
-    if (keep > 0)
-        close_range_or_loop(0, (unsigned)keep - 1);
-    close_range_or_loop((unsigned)keep + 1, ~0U);
+    int lo = keep_a < keep_b ? keep_a : keep_b;
+    int hi = keep_a < keep_b ? keep_b : keep_a;
+    unsigned next = 0;
+    int keep[2] = {lo, hi};
+    for (int i = 0; i < 2; i++) {
+        if (keep[i] < 0)
+            continue;
+        if ((unsigned)keep[i] > next)
+            close_range_or_loop(next, (unsigned)keep[i] - 1);
+        next = (unsigned)keep[i] + 1;
+    }
+    close_range_or_loop(next, ~0U);
 }
 
 static int child_close_fds(const struct inc_spec *spec)
@@ -564,16 +637,11 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
         child_fail(cx, INC_STEP_PDEATHSIG, errno, -1);
     /* The go byte.  EOF here means the parent died or gave up (after PDEATHSIG was set,
      * so this also closes the race where the parent died before prctl). */
-    char go = 0;
-    ssize_t n;
-    do {
-        n = read(cx->sync_r, &go, 1);
-    } while (n < 0 && errno == EINTR);
-    if (n != 1)
+    if (child_read_go(cx) < 0)
         _exit(127);
 
     for (int i = 0; i < spec->n_ops; i++) {
-        if (child_op(&spec->ops[i]) < 0)
+        if (child_op(cx, &spec->ops[i], i) < 0)
             child_fail(cx, INC_STEP_OP, errno, i);
     }
     if (spec->die_with_parent) {
@@ -618,7 +686,7 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
             /* The init keeps only its status pipe: any other fd it held (a stdin pipe's
              * write end, the caller's result pipe) would keep the payload's peers from
              * seeing EOF.  Closing err_w gives the parent EOF once the payload runs. */
-            child_close_all_but(cx->status_w);
+            child_close_all_but(cx->status_w, cx->hold_fd);
             child_init_loop(cx, pid);
         }
         /* the payload, pid 2 (enter mode, or a trial) */
@@ -753,6 +821,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
     res->pidfd = -1;
     res->status_fd = -1;
     res->used_clone3 = 0;
+    res->hold_fd = -1;
 
     if (pipe2(sync, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || (with_init && pipe2(statp, O_CLOEXEC) < 0)) {
         res->step = INC_STEP_PIPE;
@@ -776,6 +845,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
         cx.sync_r = sync[0];
         cx.err_w = errp[1];
         cx.status_w = statp[1];
+        cx.hold_fd = -1;
         child_main(spec, &cx, enter);
         return 1;   /* enter mode only: the payload */
     }
@@ -801,6 +871,24 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
      * parent is still alive after its last setup step. */
     struct inc_record rec;
     int r = parent_read_record(errp[0], &rec);
+    while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY)) {
+        if (rec.step == INC_STEP_MAPS_REQUEST) {
+            /* The child entered its user namespace after its privileged setup (unshare):
+             * write its maps from here, in the parent user namespace. */
+            struct inc_spec with_user = *spec;
+            with_user.ns_flags |= INC_NS_USER;
+            if (parent_id_maps(&with_user, pid, res) < 0) {
+                res->err = errno;
+                goto fail_child;
+            }
+        } else if (pidfd >= 0 && res->hold_fd < 0) {
+            res->hold_fd = inc_pidfd_getfd(pidfd, rec.pad);   /* -1 if not permitted */
+        }
+        do {
+            w = write(sync[1], "g", 1);
+        } while (w < 0 && errno == EINTR);
+        r = parent_read_record(errp[0], &rec);
+    }
     if (w != 1 && r == 0) {
         res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
         res->err = werr ? werr : EPIPE;
@@ -824,6 +912,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
 
 fail_child:
     parent_reap(pid);
+    close_if(&res->hold_fd);
     if (res->pidfd >= 0)
         close(res->pidfd);
     res->pidfd = -1;
@@ -843,6 +932,11 @@ int inc_spawn(const struct inc_spec *spec, struct inc_result *res)
     return start(spec, res, 0) < 0 ? -1 : 0;
 }
 
+int inc_pidfd_getfd(int pidfd, int targetfd)
+{
+    return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
+}
+
 int inc_status_size(void)
 {
     return (int)sizeof(int32_t);
@@ -854,7 +948,7 @@ static void monitor(struct inc_result *res)
 {
     int st = 0;
     /* Hold nothing of the caller's (a concurrent spawn's error pipe, say). */
-    child_close_all_but(res->status_fd);
+    child_close_all_but(res->status_fd, -1);
     while (waitpid(res->pid, &st, 0) < 0) {
         if (errno != EINTR)
             _exit(125);

@@ -41,6 +41,12 @@ enum inc_op_kind {
     INC_OP_SETSID,
     INC_OP_DROP_PRIVS,     /* uid, gid; flags & INC_DROP_SETGROUPS: clear supplementary groups */
     INC_OP_REMOUNT_RO,     /* a = path, recursive */
+    INC_OP_UNSHARE,        /* ival = CLONE_NEW* flags; with a user namespace, the parent writes
+                              its id maps (a MAPS_REQUEST record) before the child goes on */
+    INC_OP_SYMLINK,        /* a = link text, b = path of the link */
+    INC_OP_DEVPTS,         /* b = target: a new devpts instance */
+    INC_OP_HOLD,           /* a = directory, ival = fd number: keep it open there (the init keeps
+                              it too), so the caller can take it with pidfd_getfd */
     INC_OP__MAX
 };
 
@@ -79,6 +85,8 @@ enum inc_step {
     INC_STEP_EXEC,
     INC_STEP_WAIT,
     INC_STEP_SETSID,
+    INC_STEP_MAPS_REQUEST, /* not an error: the child asks the parent for its id maps */
+    INC_STEP_HOLD_READY,   /* not an error: the held fd is in place for pidfd_getfd */
     INC_STEP__MAX
 };
 
@@ -117,6 +125,7 @@ struct inc_result {
     int pidfd;       /* spawn with want_pidfd: a pidfd for pid, else -1 */
     int status_fd;   /* spawn with an init: read end carrying the payload's wait status */
     int used_clone3; /* 1 if clone3 created the child, 0 if clone(2) did */
+    int hold_fd;     /* INC_OP_HOLD: the caller's duplicate of the held directory, else -1 */
 };
 
 /* Spawn: clone the child into the namespaces, write its id maps, let it run the ops and
@@ -133,5 +142,8 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res);
 
 /* Decode a status record read from status_fd: the payload's raw wait status. */
 int inc_status_size(void);
+
+/* pidfd_getfd(2): a duplicate of fd `targetfd` of the process behind `pidfd`, or -1. */
+int inc_pidfd_getfd(int pidfd, int targetfd);
 
 #endif

@@ -60,6 +60,10 @@ OP_KINDS = {
     "setsid": lib.INC_OP_SETSID,
     "drop-privileges": lib.INC_OP_DROP_PRIVS,
     "remount-ro": lib.INC_OP_REMOUNT_RO,
+    "unshare": lib.INC_OP_UNSHARE,
+    "symlink": lib.INC_OP_SYMLINK,
+    "mount-devpts": lib.INC_OP_DEVPTS,
+    "hold": lib.INC_OP_HOLD,
 }
 
 BIND_RO = lib.INC_BIND_RO
@@ -80,6 +84,9 @@ _REQUIRED = {
     "mkdir": "a",
     "chdir": "a",
     "remount-ro": "a",
+    "symlink": "ab",
+    "mount-devpts": "b",
+    "hold": "a",
 }
 
 STEP_NAMES = {
@@ -142,6 +149,7 @@ class Native:
     keep_fds: Sequence[int] = ()
     setsid_payload: bool = False
     expect_ppid: int = 0
+    layout: Any = None  # rootfs.Layout: where the upper layers show inside
     _keep: list[Any] = field(default_factory=list)
 
     def _cstr(self, s: str | None) -> Any:
@@ -208,6 +216,7 @@ class Started:
     pidfd: int
     status_fd: int
     used_clone3: bool
+    hold_fd: int = -1
 
 
 def error_for(native: Native, res: Any) -> IncarnateError:
@@ -259,7 +268,7 @@ def spawn(native: Native) -> Started:
         rc = _spawner_pool().submit(lib.inc_spawn, spec, res).result()
     if rc != 0:
         raise error_for(native, res)
-    return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3))
+    return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3), res.hold_fd)
 
 
 def abandon(started: Started) -> None:
@@ -269,7 +278,7 @@ def abandon(started: Started) -> None:
     except ProcessLookupError:
         pass
     os.waitpid(started.pid, 0)
-    for fd in (started.pidfd, started.status_fd):
+    for fd in (started.pidfd, started.status_fd, started.hold_fd):
         if fd >= 0:
             os.close(fd)
 

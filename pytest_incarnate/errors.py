@@ -31,6 +31,8 @@ __all__ = [
     "CgroupSkipped",
     "CpuAffinitySkipped",
     "UidMapFailed",
+    "OverlaySkipped",
+    "OverlayUnavailable",
 ]
 
 
@@ -98,6 +100,15 @@ class UserNsRestrictedByLsm(NamespaceCapMissing):
     def __init__(self, lsm: str, reason: str, fix: str = "") -> None:
         self.lsm = lsm
         super().__init__("user", f"{lsm}: {reason}", fix)
+
+
+class OverlayUnavailable(IncarnateError):
+    """A copy-on-write root was required (strict) and this machine cannot overlay it."""
+
+    def __init__(self, reason: str, fix: str = "") -> None:
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"cannot give the sandbox a copy-on-write root: {reason}" + (f"; fix: {fix}" if fix else ""))
 
 
 class CgroupNotWritable(IncarnateError):
@@ -234,3 +245,11 @@ class UidMapFailed(Degradation):
 
     def describe(self) -> str:
         return f"uid map reduced: {self.reason}"
+
+
+@dataclass(frozen=True)
+class OverlaySkipped(Degradation):
+    reason: str
+
+    def describe(self) -> str:
+        return f"copy-on-write root skipped, the root is read-only with tmpfs on the writable places: {self.reason}"

@@ -302,6 +302,24 @@ def _probe() -> Capabilities:
         why = "no mount namespace: neither CAP_SYS_ADMIN nor a usable user namespace"
         items += [Capability(n, False, why, "see ns.user and ns.mount") for n in ("pivot_root", "overlay", "proc")]
 
+    # The host's root seen copy-on-write: an overlay whose lower layer is the root itself.
+    # Inherited mounts are locked in a mount namespace created with a user namespace, and
+    # overlayfs refuses such a lower layer; real root overlays it before entering one.
+    if root and by_ns["ns.mount"].granted and by_ns["ns.mount"].via == "direct":
+        ops = [Op("make-rprivate", a="/"), Op("stage-root", a="/tmp", path="/tmp"),
+               Op("mount-tmpfs", b="/uppers", c="mode=0755", flags=_ffi.BIND_CREATE, path="/uppers"),
+               Op("mkdir", a="/uppers/u", ival=0o755), Op("mkdir", a="/uppers/w", ival=0o755),
+               Op("mount-overlay", b="/newroot", c="lowerdir=/oldroot,upperdir=/uppers/u,workdir=/uppers/w", path="/")]
+        ok, step, err = _trial(("mount",), ops, None)
+        items.append(Capability("overlay.root", ok, "" if ok else f"overlaying the host root: {step} failed: {_why(err)}",
+                                "" if ok else "load the overlay module (modprobe overlay)"))
+    elif root:
+        items.append(Capability("overlay.root", False, "CAP_SYS_ADMIN is missing: the host root can only be overlaid "
+                                "from a mount namespace of the initial user namespace", "run as root with CAP_SYS_ADMIN"))
+    else:
+        items.append(Capability("overlay.root", False, "not root: copy-on-write of the host root for unprivileged "
+                                "users is not implemented yet (the root is read-only, with tmpfs on /tmp)", "run as root"))
+
     st = _ffi.spawn(Native(ns=(), ops=[], use_init=False))
     os.waitpid(st.pid, 0)
     if st.pidfd >= 0:

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from pytest_incarnate.errors import SandboxCrashed
+from pytest_incarnate.errors import NamespaceSkipped, SandboxCrashed
 from pytest_incarnate.sandbox import Sandbox, forked_enter
 from pytest_incarnate.spec import Bind, Spec
 
 IN_CHILD = pytest.StashKey[bool]()
 CHILD_REPORT = pytest.StashKey[Any]()
 CRASH = pytest.StashKey[SandboxCrashed]()
+CHANGES = pytest.StashKey[Any]()
 
 class SandboxedCallDone(pytest.skip.Exception):  # type: ignore[misc,name-defined]
     """Raised in the parent once the child's report is in; never shown to users (the
@@ -67,20 +68,22 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     sandbox = Sandbox(spec_for(item))
     _warm_linecache(item)
     plan = sandbox.plan()
-    if plan.degradations:
-        reason = "incarnate: " + "; ".join(d.describe() for d in plan.degradations)
+    missing = [d for d in plan.degradations if isinstance(d, NamespaceSkipped)]
+    if missing:
+        reason = "incarnate: " + "; ".join(d.describe() for d in missing)
         try:
             raise pytest.skip.Exception(reason, _use_item_location=True)
         except TypeError:  # pragma: no cover - a pytest without the keyword
             pytest.skip(reason)
     try:
-        kind, value, _ = forked_enter(sandbox, plan, lambda: _child_body(item))
+        out = forked_enter(sandbox, plan, lambda: _child_body(item))
     except SandboxCrashed as e:
         item.stash[CRASH] = e
         raise SandboxedCallDone("crashed") from None
-    if kind != "ok":  # the reporting itself failed in the child
-        raise value
-    item.stash[CHILD_REPORT] = value
+    if out.kind != "ok":  # the reporting itself failed in the child
+        raise out.value
+    item.stash[CHANGES] = out.changes
+    item.stash[CHILD_REPORT] = out.value
     raise SandboxedCallDone("done")
 
 def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestReport:

@@ -7,6 +7,7 @@ are recorded) -> ordered child operations -> native core -> Result.
 from __future__ import annotations
 
 import errno as _errno
+import io
 import os
 import pickle
 import select
@@ -28,12 +29,15 @@ from pytest_incarnate.errors import (
     NamespaceCapMissing,
     NamespaceSkipped,
     NonExecutablePayload,
+    OverlaySkipped,
+    OverlayUnavailable,
     SandboxCrashed,
     SetupStepFailed,
     UidMapFailed,
     UserNsDisabledBySysctl,
     UserNsRestrictedByLsm,
 )
+from pytest_incarnate import rootfs
 from pytest_incarnate.probe import Capabilities, id_maps, probe
 from pytest_incarnate.spec import NAMESPACES, Spec
 
@@ -42,15 +46,34 @@ PIPE = -1
 DEVNULL = -3
 
 
+LATE_NS = ("user", "net", "uts", "ipc", "cgroup")
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What a Spec will get on this machine: the namespaces granted, and what degraded."""
+    """What a Spec will get on this machine: the namespaces granted, what degraded, and
+    how the root is made ("overlay": the host's, copy-on-write; "readonly"; "host": no
+    mount namespace)."""
 
     namespaces: tuple[str, ...]
     degradations: tuple[Degradation, ...]
     uid_map: str | None
     gid_map: str | None
     setgroups_deny: bool
+    root: str = "readonly"
+
+    @property
+    def late_namespaces(self) -> tuple[str, ...]:
+        """Namespaces entered with unshare after the root is built (owned by the new user
+        namespace): only for the copy-on-write root, which must be overlaid first."""
+        if self.root != "overlay" or "user" not in self.namespaces:
+            return ()
+        return tuple(n for n in self.namespaces if n in LATE_NS)
+
+    @property
+    def clone_namespaces(self) -> tuple[str, ...]:
+        late = self.late_namespaces
+        return tuple(n for n in self.namespaces if n not in late)
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,7 @@ class Result:
     degradations: tuple[Degradation, ...] = ()
     namespaces: tuple[str, ...] = ()
     duration: float = 0.0
+    changes: rootfs.Changes | None = None
 
     @property
     def ok(self) -> bool:
@@ -102,30 +126,66 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
     deny = False
     if "user" in granted:
         uid_map, gid_map, deny = id_maps(spec.map_user)
-    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny)
+    root = "host"
+    if "mount" in granted:
+        root = "readonly"
+        if spec.copy_on_write and spec.root is None:
+            cap = caps["overlay.root"]
+            if cap.granted:
+                root = "overlay"
+            elif spec.strict:
+                raise OverlayUnavailable(cap.reason, cap.fix)
+            else:
+                degr.append(OverlaySkipped(cap.reason))
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root)
 
 
-def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list[Op]:
-    """The ordered child operations for a spec and its plan."""
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while path not in ("/", ""):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tuple[list[Op], rootfs.Layout]:
+    """The ordered child operations for a spec and its plan, and where the upper layers
+    show inside (for the changes report)."""
     ns = plan.namespaces
+    late = plan.late_namespaces
     ops: list[Op] = []
-    if "uts" in ns and spec.hostname is not None:
-        ops.append(Op("hostname", a=spec.hostname, path=spec.hostname))
-    if "net" in ns and spec.loopback:
-        ops.append(Op("loopback", path="lo"))
+    layout = rootfs.Layout()
     cwd = spec.cwd
     if "mount" in ns:
-        new = "/newroot"
-        old = "/oldroot"
+        new, old = rootfs.NEW, rootfs.OLD
         ops.append(Op("make-rprivate", a="/", path="/"))
         ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
-        root_src = os.path.realpath(spec.root) if spec.root else "/"
-        ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new, flags=BIND_RO | BIND_REC, path=root_src))
-        if spec.mount_proc and "pid" in ns:
-            ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
+        mountpoints: list[str] = []
+        if plan.root == "overlay":
+            root_ops, layout = rootfs.overlay_root_ops(spec, plan, ())
+            ops += root_ops
+            ops += rootfs.standard_ops(spec, plan, writable=True)
+            mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
+        else:
+            root_src = os.path.realpath(spec.root) if spec.root else "/"
+            ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new,
+                          flags=BIND_RO | BIND_REC, path=root_src))
+            if spec.mount_proc and "pid" in ns:
+                ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
+        scratch: list[tuple[str, str]] = []
         for t in spec.tmpfs:
-            ops.append(Op("mount-tmpfs", b=new + t.target, c=t.data(), flags=BIND_CREATE, path=t.target))
-        userxattr = ",userxattr" if "user" in ns else ""
+            mountpoints.append(t.target)
+            if plan.root == "overlay" and t.size is None:
+                # An unsized tmpfs place is a directory of the upper tmpfs, bound in: what
+                # is written there shows in the changes report and counts to upper_size.
+                name = f"T{len(scratch)}"
+                scratch.append((t.target, name))
+                ops.append(Op("mkdir", a=f"{rootfs.UPPERS}/{name}", ival=t.mode))
+                ops.append(Op("bind", a=f"{rootfs.UPPERS}/{name}", b=new + t.target, flags=BIND_CREATE, path=t.target,
+                              detail="scratch space"))
+            else:
+                ops.append(Op("mount-tmpfs", b=new + t.target, c=t.data(), flags=BIND_CREATE, path=t.target))
+        userxattr = ",userxattr" if "user" in ns and "user" not in late else ""
         for o in spec.overlays:
             # Host paths are resolved here: after the staging pivot an absolute symlink
             # would resolve against the staging root, not the host's.
@@ -133,16 +193,35 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
             data = "lowerdir=" + ":".join(old + real(p) for p in o.lower)
             if o.upper is not None and o.work is not None:
                 data += f",upperdir={old}{real(o.upper)},workdir={old}{real(o.work)}"
+            mountpoints.append(o.target)
             ops.append(Op("mount-overlay", b=new + o.target, c=data + userxattr, flags=BIND_CREATE, path=o.target))
         for b in spec.binds:
             src = os.path.realpath(b.source)
             flags = BIND_REC | BIND_CREATE | (BIND_RO if b.readonly else 0)
-            ops.append(Op("bind", a=old + src, b=new + (b.target or b.source), flags=flags, path=b.source,
-                          detail=f"onto {b.target}" + (" (read-only)" if b.readonly else "")))
+            target = b.target or b.source
+            mountpoints.append(target)
+            ops.append(Op("bind", a=old + src, b=new + target, flags=flags, path=b.source,
+                          detail=f"onto {target}" + (" (read-only)" if b.readonly else "")))
+        if plan.root == "overlay":
+            hold = rootfs.hold_fd_number()
+            ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
+            skip = frozenset(p for m in mountpoints for p in _ancestors(m))
+            layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold)
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
             here = payload_cwd or os.getcwd()
             cwd = here if spec.root is None and not spec.mount_root_hides(here) else "/"
+    if late:
+        flags = 0
+        for n in late:
+            flags |= _ffi.NS_FLAGS[n]
+        if "mount" in ns:
+            flags |= _ffi.NS_FLAGS["mount"]  # so that the new user namespace owns a mount namespace too
+        ops.append(Op("unshare", ival=flags, path=" ".join(late)))
+    if "uts" in ns and spec.hostname is not None:
+        ops.append(Op("hostname", a=spec.hostname, path=spec.hostname))
+    if "net" in ns and spec.loopback:
+        ops.append(Op("loopback", path="lo"))
     if cwd is not None:
         ops.append(Op("chdir", a=cwd, path=cwd))
     if spec.umask is not None:
@@ -154,7 +233,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> list
         ops.append(Op("drop-privileges", uid=uid, gid=gid, flags=flags, path=f"uid={uid} gid={gid}"))
     if spec.no_new_privs:
         ops.append(Op("no_new_privs"))
-    return ops
+    return ops, layout
 
 
 def _env_list(env: Mapping[str, str] | None) -> list[str]:
@@ -214,8 +293,11 @@ class Handle:
 
     def __init__(self, argv: tuple[str, ...], started: _ffi.Started, plan: Plan,
                  stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None,
-                 has_init: bool) -> None:
+                 has_init: bool, layout: rootfs.Layout | None = None) -> None:
         self.argv = argv
+        self._hold_fd = started.hold_fd
+        self._layout = layout
+        self.changes: rootfs.Changes | None = None
         self.pid = started.pid
         self.pidfd = started.pidfd
         self._status_fd = started.status_fd
@@ -292,7 +374,11 @@ class Handle:
             data = os.read(self._status_fd, _ffi.STATUS_SIZE)
             if len(data) == _ffi.STATUS_SIZE:
                 status = int.from_bytes(data, "little", signed=True)
-        self._close_fds()
+        try:
+            if self._hold_fd >= 0 and self._layout is not None:
+                self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
+        finally:
+            self._close_fds()
         if os.WIFSIGNALED(status):
             self.signal = os.WTERMSIG(status)
             self.returncode = -self.signal
@@ -300,7 +386,7 @@ class Handle:
             self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
 
     def _close_fds(self) -> None:
-        for name in ("_status_fd", "pidfd"):
+        for name in ("_status_fd", "pidfd", "_hold_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -414,9 +500,11 @@ class Sandbox:
     # -------------------------------------------------------------- programs
 
     def _native(self, plan: Plan, **kw: Any) -> Native:
+        ops, layout = build_ops(self.spec, plan)
         return Native(
-            ns=plan.namespaces,
-            ops=build_ops(self.spec, plan),
+            ns=plan.clone_namespaces,
+            ops=ops,
+            layout=layout,
             uid_map=plan.uid_map,
             gid_map=plan.gid_map,
             setgroups_deny=plan.setgroups_deny,
@@ -483,10 +571,17 @@ class Sandbox:
                 return self._native(p, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
                                     keep_fds=tuple(pass_fds), setsid_payload=True)
 
-            plan, started = self._run_native(plan, make, _ffi.spawn)
+            natives: list[Native] = []
+
+            def spawn_native(n: Native) -> _ffi.Started:
+                natives.append(n)
+                return _ffi.spawn(n)
+
+            plan, started = self._run_native(plan, make, spawn_native)
             has_init = "pid" in plan.namespaces
             try:
-                handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init)
+                handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init,
+                                natives[-1].layout)
             except BaseException:
                 _ffi.abandon(started)
                 raise
@@ -512,7 +607,7 @@ class Sandbox:
         stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
-                      h.plan.namespaces, h.duration)
+                      h.plan.namespaces, h.duration, h.changes)
 
     # ------------------------------------------------------------- callables
 
@@ -520,17 +615,23 @@ class Sandbox:
         """Call ``fn(*args, **kwargs)`` inside a fresh incarnation and return its value, or
         re-raise its exception.  The callable runs in a forked child (pid 2 under an init
         when there is a pid namespace); its return value must be picklable."""
-        outcome, _ = self.call_outcome(fn, *args, **kwargs)
-        kind, value = outcome
-        if kind == "ok":
-            return value
-        raise value
+        out = self.call_outcome(fn, *args, **kwargs)
+        if out.kind == "ok":
+            return out.value
+        raise out.value
 
-    def call_outcome(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[tuple[str, Any], Plan]:
-        """Like :meth:`call`, but returns (("ok", value) or ("err", exception), plan)."""
-        plan = self.plan()
-        kind, value, plan = forked_enter(self, plan, lambda: fn(*args, **kwargs))
-        return (kind, value), plan
+    def call_outcome(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CallOutcome:
+        """Like :meth:`call`, but returns a CallOutcome: kind ("ok" or "err"), the value or
+        the exception, the plan, and the filesystem changes."""
+        return forked_enter(self, self.plan(), lambda: fn(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    kind: str
+    value: Any
+    plan: Plan
+    changes: rootfs.Changes | None = None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -551,10 +652,26 @@ def _dump(obj: Any) -> bytes:
         return pickle.dumps(("err", SandboxCrashed(f"the sandboxed call's return value cannot be pickled: {e!r}")))
 
 
-def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> tuple[str, Any, Plan]:
+def _upper_inside(layout: rootfs.Layout | None) -> list[rootfs.UpperEntry] | None:
+    """In the payload: read its own upper layers through the fd the init holds too (the
+    host is not visible here: the parent classifies the entries)."""
+    if layout is None or layout.hold_fd < 0:
+        return None
+    try:
+        return rootfs.scan_uppers(layout.hold_fd, layout)
+    except OSError:
+        return None
+    finally:
+        try:
+            os.close(layout.hold_fd)
+        except OSError:
+            pass
+
+
+def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallOutcome:
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
-    back.  Returns (kind, value, plan) where kind is "ok" or "err"."""
-    def attempt(p: Plan) -> tuple[str, Any, Plan]:
+    and its filesystem changes back."""
+    def attempt(p: Plan) -> CallOutcome:
         r, w = os.pipe2(os.O_CLOEXEC)
         ppid = os.getpid()
         native = sandbox._native(p, expect_ppid=ppid, close_fds=False)
@@ -576,7 +693,7 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> tuple
                         result: tuple[str, Any] = ("ok", body())
                     except BaseException as e:  # noqa: BLE001 - shipped to the parent
                         result = ("err", e)
-                    _write_all(w, _dump(result))
+                    _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
                     code = 0
             finally:
                 os._exit(code)
@@ -597,10 +714,15 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> tuple
         data = b"".join(chunks)
         if not data:
             raise _crash(status)
-        kind, value = pickle.loads(data)
+        stream = io.BytesIO(data)
+        kind, value = pickle.load(stream)
         if kind == "setup":
             raise value
-        return kind, value, p
+        entries = pickle.load(stream) if stream.tell() < len(data) else None
+        changes = None
+        if entries is not None and native.layout is not None:
+            changes = rootfs.classify(entries, native.layout.mountpoints)
+        return CallOutcome(kind, value, p, changes)
 
     try:
         return attempt(plan)

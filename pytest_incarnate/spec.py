@@ -183,7 +183,15 @@ class Spec:
     hostname
         hostname in the uts namespace (None: leave it).
     root
-        None: the host's root, read-only.  A directory: that directory, read-only.
+        None: the host's root, copy-on-write (writes land in a per-sandbox upper layer and
+        vanish; ``Result.changes`` lists them), or read-only with ``copy_on_write=False``.
+        A directory: that directory, read-only.
+    upper_size
+        size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
+    dev, hide
+        ``dev="minimal"``: a fresh /dev (null, zero, full, random, urandom, tty, pts, ptmx,
+        shm, the fd links); ``"host"``: the host's, read-only.  ``hide``: paths covered by an
+        empty tmpfs (default /run, so the host's unix sockets there cannot be reached).
     binds, tmpfs, overlays
         mounts made inside, in that order after the root (tmpfs, overlays, then binds).
     env
@@ -217,6 +225,10 @@ class Spec:
     no_new_privs: bool = True
     die_with_parent: bool = True
     umask: int | None = None
+    copy_on_write: bool = True
+    upper_size: int | str | None = None
+    dev: str = "minimal"
+    hide: tuple[str, ...] = ("/run",)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -267,7 +279,15 @@ class Spec:
             raise SpecError("map_user", self.map_user, 'must be "root" or "self"')
         set_("uid", _id("uid", self.uid))
         set_("gid", _id("gid", self.gid))
-        for name in ("strict", "mount_proc", "loopback", "no_new_privs", "die_with_parent"):
+        if self.upper_size is not None:
+            try:
+                Tmpfs("/", size=self.upper_size)  # the same rules as a tmpfs size
+            except SpecError as e:
+                raise SpecError("upper_size", self.upper_size, e.problem) from None
+        if self.dev not in ("minimal", "host"):
+            raise SpecError("dev", self.dev, 'must be "minimal" (a fresh /dev) or "host" (the host\'s, read-only)')
+        set_("hide", tuple(_path("hide", h) for h in _coerce_tuple("hide", self.hide, lambda v: v)))
+        for name in ("strict", "mount_proc", "loopback", "no_new_privs", "die_with_parent", "copy_on_write"):
             _bool(name, getattr(self, name))
         if self.umask is not None and (isinstance(self.umask, bool) or not isinstance(self.umask, int) or not 0 <= self.umask <= 0o777):
             raise SpecError("umask", self.umask, "must be a mode between 0 and 0o777")

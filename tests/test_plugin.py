@@ -105,15 +105,22 @@ def test_incarnation_fixture_runs_subprocesses(pytester: pytest.Pytester) -> Non
 
         @pytest.mark.incarnate(hostname="fixture-box")
         def test_it(incarnation):
+            # This test runs sandboxed itself, so this sandbox is nested: it gets every
+            # namespace, but no copy-on-write root (inherited mounts are locked here).
             r = incarnation.run(["hostname"])
             assert r.stdout == b"fixture-box\\n"
+            assert [type(d).__name__ for d in r.degradations] == ["OverlaySkipped"]
+
+        def test_unsandboxed(incarnation):
+            r = incarnation.run(["hostname"])
+            assert r.stdout == b"incarnate\\n"
             assert r.degradations == ()
 
         def test_caps(incarnate_capabilities):
             assert incarnate_capabilities.granted("ns.user")
         """
     )
-    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3)
 
 
 def test_bad_marker_keyword_fails_the_test_naming_it(pytester: pytest.Pytester) -> None:

@@ -62,7 +62,7 @@ def test_read_only_root_and_binds(tmp_path, leak_check):
     rw = tmp_path / "rw"
     ro.mkdir()
     rw.mkdir()
-    sb = Sandbox(Spec(binds=[(str(ro), "/tmp/data/ro", "ro"), (str(rw), "/tmp/data/rw")]))
+    sb = Sandbox(Spec(binds=[(str(ro), "/tmp/data/ro", "ro"), (str(rw), "/tmp/data/rw")], copy_on_write=False))
     code = textwrap.dedent(
         """
         import errno, json, os
@@ -88,7 +88,7 @@ def test_read_only_root_and_binds(tmp_path, leak_check):
 
 def test_bind_onto_a_missing_target_in_the_read_only_root(tmp_path, leak_check):
     with pytest.raises(SetupStepFailed) as exc:
-        Sandbox(Spec(binds=[(str(tmp_path), "/no-such-top-level-dir")])).run(["/bin/true"])
+        Sandbox(Spec(binds=[(str(tmp_path), "/no-such-top-level-dir")], copy_on_write=False)).run(["/bin/true"])
     assert (exc.value.step, exc.value.errno) == ("bind", errno.EROFS)
     assert "onto /no-such-top-level-dir" in str(exc.value) and "under a tmpfs" in str(exc.value)
     assert not os.path.exists("/no-such-top-level-dir")

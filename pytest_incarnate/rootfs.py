@@ -1,0 +1,320 @@
+"""The sandbox's root filesystem: the host's root seen copy-on-write, standard mounts, and
+the changes report.
+
+Layout inside the mount namespace, before the final pivot_root::
+
+    /              the staging tmpfs (the host root is at /oldroot)
+    /uppers        a tmpfs holding every upper layer (its size is Spec.upper_size)
+      L0/upper, L0/work    the overlay of the host's root filesystem
+      L1/...               one overlay per other host filesystem (/home, /var, ...)
+      T0, T1, ...          the spec's unsized tmpfs places (/tmp, /dev/shm), bound in
+    /newroot       the new root: the overlays, then /proc, /dev, /sys, the binds
+
+The init keeps /uppers open at a known fd, so the parent can take it (pidfd_getfd) and
+read what was written after the payload ends; the tmpfs vanishes with the last fd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, Op
+
+NEW = "/newroot"
+OLD = "/oldroot"
+UPPERS = "/uppers"
+
+# Filesystems that are not data: handled by the standard mounts, never overlaid.
+PSEUDO_FS = frozenset(
+    "proc sysfs devtmpfs devpts mqueue cgroup cgroup2 securityfs debugfs tracefs pstore bpf configfs "
+    "fusectl hugetlbfs binfmt_misc autofs efivarfs nsfs rpc_pipefs selinuxfs".split()
+)
+STANDARD_TREES = ("/proc", "/sys", "/dev")
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+@dataclass(frozen=True)
+class HostMount:
+    mountpoint: str
+    fstype: str
+
+
+def host_mounts() -> list[HostMount]:
+    """This process's mounts, in mountinfo order, the last one on a mount point winning."""
+    seen: dict[str, HostMount] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            mp = _unescape(fields[4])
+            seen.pop(mp, None)
+            seen[mp] = HostMount(mp, right.split()[0])
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each upper directory shows inside, for the changes report."""
+
+    layers: tuple[tuple[str, str], ...] = ()      # (mount point inside, upper dir under /uppers)
+    scratch: tuple[tuple[str, str], ...] = ()     # (tmpfs place inside, dir under /uppers)
+    mountpoints: frozenset[str] = frozenset()     # places the sandbox mounted on (not changes)
+    hold_fd: int = -1
+
+
+def hold_fd_number() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return int(min(soft, 1024) - 1)
+
+
+def overlay_root_ops(spec, plan, standard_tmpfs) -> tuple[list[Op], Layout]:  # type: ignore[no-untyped-def]
+    """Ops from the staging root to a complete /newroot, copy-on-write over the host."""
+    ops: list[Op] = []
+    upper_data = "mode=0755" + (f",size={spec.upper_size}" if spec.upper_size is not None else "")
+    ops.append(Op("mount-tmpfs", b=UPPERS, c=upper_data, flags=BIND_CREATE, path="(upper layers)"))
+    hidden = [t.target for t in standard_tmpfs] + [t.target for t in spec.tmpfs] + list(spec.hide)
+    hidden += [b.target or b.source for b in spec.binds]
+    layers: list[tuple[str, str]] = [("/", "L0")]
+    extra: list[Op] = []
+    for m in host_mounts():
+        mp = m.mountpoint
+        if mp == "/" or m.fstype in PSEUDO_FS or any(_under(mp, t) for t in STANDARD_TREES):
+            continue
+        if any(_under(mp, h) for h in hidden):
+            continue
+        if not os.path.isdir(mp):
+            # A file mounted on its own (a container's /etc/hosts): read-only pass-through.
+            extra.append(Op("bind", a=OLD + mp, b=NEW + mp, flags=BIND_RO, path=mp, detail="a host file mount"))
+            continue
+        layers.append((mp, f"L{len(layers)}"))
+    for mp, name in layers:
+        ops.append(Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755))
+        ops.append(Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755))
+        ops.append(Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755))
+        lower = OLD if mp == "/" else OLD + mp
+        data = f"lowerdir={lower},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
+        ops.append(Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, path=mp,
+                      detail="copy-on-write layer over the host's " + ("root" if mp == "/" else mp)))
+    ops += extra
+    return ops, Layout(layers=tuple(layers))
+
+
+def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-untyped-def]
+    """/proc, a minimal /dev, read-only /sys, hidden /run: inside /newroot."""
+    ns = plan.namespaces
+    ops: list[Op] = []
+    if spec.mount_proc and "pid" in ns:
+        ops.append(Op("mount-proc", b=NEW + "/proc", path="/proc"))
+    if spec.dev == "minimal" and writable:
+        ops.append(Op("mount-tmpfs", b=NEW + "/dev", c="mode=0755", path="/dev"))
+        for node in DEV_NODES:
+            if os.path.exists("/dev/" + node):
+                ops.append(Op("bind", a=f"{OLD}/dev/{node}", b=f"{NEW}/dev/{node}", flags=BIND_CREATE,
+                              path=f"/dev/{node}"))
+        ops.append(Op("mount-devpts", b=NEW + "/dev/pts", path="/dev/pts"))
+        for name, target in DEV_LINKS:
+            ops.append(Op("symlink", a=target, b=f"{NEW}/dev/{name}", path=f"/dev/{name}"))
+        ops.append(Op("mkdir", a=NEW + "/dev/shm", ival=0o1777))
+    if writable:
+        ops.append(Op("bind", a=OLD + "/sys", b=NEW + "/sys", flags=BIND_RO | BIND_REC, path="/sys"))
+        for h in spec.hide:
+            ops.append(Op("mount-tmpfs", b=NEW + h, c="mode=0755,size=1m", flags=BIND_CREATE, path=h,
+                          detail="hidden"))
+    return ops
+
+
+# ------------------------------------------------------------------------- changes
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    kind: str  # "created", "modified", "deleted", "metadata"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a sandbox wrote, relative to the root: created, modified, deleted (overlay
+    whiteouts) and metadata-changed paths.  Small files' contents are kept
+    (``content(path)``)."""
+
+    items: tuple[Change, ...] = ()
+    _contents: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    MAX_CONTENT = 1 << 20
+
+    def __iter__(self) -> Iterator[Change]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def paths(self, kind: str | None = None) -> list[str]:
+        return [c.path for c in self.items if kind is None or c.kind == kind]
+
+    @property
+    def created(self) -> list[str]:
+        return self.paths("created")
+
+    @property
+    def modified(self) -> list[str]:
+        return self.paths("modified")
+
+    @property
+    def deleted(self) -> list[str]:
+        return self.paths("deleted")
+
+    @property
+    def metadata(self) -> list[str]:
+        return self.paths("metadata")
+
+    def kind_of(self, path: str) -> str | None:
+        for c in self.items:
+            if c.path == path:
+                return c.kind
+        return None
+
+    def content(self, path: str) -> bytes:
+        """The new content of a created or modified file (kept up to 1 MiB)."""
+        try:
+            return self._contents[path]
+        except KeyError:
+            raise KeyError(f"no content kept for {path!r}: not a changed regular file, or larger than 1 MiB") from None
+
+    def outside(self, *allowed: str) -> list[Change]:
+        return [c for c in self.items if not any(_under(c.path, a) for a in allowed)]
+
+    def assert_only_under(self, *allowed: str) -> None:
+        """Fail, listing them, if anything was written outside ``allowed``."""
+        __tracebackhide__ = True
+        bad = self.outside(*allowed)
+        if bad:
+            lines = "\n".join(f"  {c.kind}: {c.path}" for c in bad)
+            raise AssertionError(f"the sandbox wrote outside {', '.join(allowed)}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class UpperEntry:
+    """One entry of an upper layer, as read from the upper alone (no host access needed,
+    so the sandboxed payload itself can take it)."""
+
+    path: str
+    on_host: bool  # False for scratch places (a tmpfs has no host counterpart)
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    rdev: int
+    link: str | None = None
+    content: bytes | None = None
+    digest: str | None = None
+
+
+def _scan(dir_fd: int, inside: str, on_host: bool, out: list[UpperEntry]) -> None:
+    for name in sorted(os.listdir(dir_fd)):
+        path = inside.rstrip("/") + "/" + name
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        link = content = digest = None
+        if stat.S_ISLNK(st.st_mode):
+            link = os.readlink(name, dir_fd=dir_fd)
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                if st.st_size <= Changes.MAX_CONTENT:
+                    content = f.read()
+                else:
+                    h = hashlib.sha256()
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                    digest = h.hexdigest()
+        out.append(UpperEntry(path, on_host, st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime),
+                              st.st_rdev, link, content, digest))
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                _scan(fd, path, on_host, out)
+            finally:
+                os.close(fd)
+
+
+def scan_uppers(uppers_fd: int, layout: Layout) -> list[UpperEntry]:
+    """Every entry of the upper layers and scratch places, read through ``uppers_fd``."""
+    out: list[UpperEntry] = []
+    for places, on_host, sub in ((layout.layers, True, "/upper"), (layout.scratch, False, "")):
+        for inside, name in places:
+            fd = os.open(name + sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=uppers_fd)
+            try:
+                _scan(fd, inside, on_host, out)
+            finally:
+                os.close(fd)
+    return out
+
+
+def _same_content(e: UpperEntry, host: str) -> bool:
+    try:
+        with open(host, "rb") as f:
+            if e.content is not None:
+                return f.read(Changes.MAX_CONTENT + 1) == e.content
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest() == e.digest
+    except OSError:
+        return False
+
+
+def classify(entries: list[UpperEntry], skip: frozenset[str] = frozenset()) -> Changes:
+    """On the host: compare each upper entry with the host's file to tell created,
+    modified, deleted (whiteouts) and metadata-changed paths."""
+    found: dict[str, Change] = {}
+    contents: dict[str, bytes] = {}
+    for e in entries:
+        if stat.S_ISCHR(e.mode) and e.rdev == 0:
+            found[e.path] = Change(e.path, "deleted")
+            continue
+        if e.path in skip:
+            continue
+        try:
+            hst = os.lstat(e.path) if e.on_host else None
+        except OSError:
+            hst = None
+        kind: str | None
+        if hst is None or stat.S_IFMT(hst.st_mode) != stat.S_IFMT(e.mode):
+            kind = "created"
+        elif stat.S_ISDIR(e.mode):
+            kind = "metadata" if (e.mode, e.uid, e.gid) != (hst.st_mode, hst.st_uid, hst.st_gid) else None
+        elif stat.S_ISLNK(e.mode):
+            kind = None if os.readlink(e.path) == e.link else "modified"
+        elif stat.S_ISREG(e.mode) and (e.size != hst.st_size or not _same_content(e, e.path)):
+            kind = "modified"
+        elif (e.mode, e.uid, e.gid, e.mtime) != (hst.st_mode, hst.st_uid, hst.st_gid, int(hst.st_mtime)):
+            kind = "metadata"
+        else:
+            kind = None
+        if kind is not None:
+            found[e.path] = Change(e.path, kind)
+            if kind in ("created", "modified") and e.content is not None:
+                contents[e.path] = e.content
+    return Changes(tuple(sorted(found.values(), key=lambda c: c.path)), contents)
+
+
+def compute_changes(uppers_fd: int, layout: Layout) -> Changes:
+    """Scan and classify in one go (the parent of a spawned sandbox)."""
+    return classify(scan_uppers(uppers_fd, layout), layout.mountpoints)
