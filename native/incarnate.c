@@ -454,7 +454,7 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
             return -1;
         return mount("overlay", op->b, "overlay", 0, op->c);
     case INC_OP_PROC:
-        if (child_ensure(op->b, 0, 1) < 0)
+        if (child_ensure(op->b, op->flags & INC_BIND_CREATE, 1) < 0)
             return -1;
         return mount("proc", op->b, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     case INC_OP_STAGE:

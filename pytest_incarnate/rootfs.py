@@ -70,7 +70,7 @@ def host_mounts() -> list[HostMount]:
 class Layout:
     """Where each upper directory shows inside, for the changes report."""
 
-    layers: tuple[tuple[str, str], ...] = ()      # (mount point inside, upper dir under /uppers)
+    layers: tuple[tuple[str, str, str], ...] = ()  # (mount point inside, upper dir, host lower dir)
     scratch: tuple[tuple[str, str], ...] = ()     # (tmpfs place inside, dir under /uppers)
     mountpoints: frozenset[str] = frozenset()     # places the sandbox mounted on (not changes)
     hold_fd: int = -1
@@ -83,16 +83,18 @@ def hold_fd_number() -> int:
     return int(min(soft, 1024) - 1)
 
 
-def overlay_root_ops(spec, plan, standard_tmpfs) -> tuple[list[Op], Layout]:  # type: ignore[no-untyped-def]
-    """Ops from the staging root to a complete /newroot, copy-on-write over the host."""
+def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  # type: ignore[no-untyped-def]
+    """Ops from the staging root to a complete /newroot, copy-on-write over the host's
+    root (each of its filesystems), or over ``spec.root``, a directory."""
     ops: list[Op] = []
     upper_data = "mode=0755" + (f",size={spec.upper_size}" if spec.upper_size is not None else "")
     ops.append(Op("mount-tmpfs", b=UPPERS, c=upper_data, flags=BIND_CREATE, path="(upper layers)"))
-    hidden = [t.target for t in standard_tmpfs] + [t.target for t in spec.tmpfs] + list(spec.hide)
+    hidden = [t.target for t in spec.tmpfs] + list(spec.hide)
     hidden += [b.target or b.source for b in spec.binds]
-    layers: list[tuple[str, str]] = [("/", "L0")]
+    base = os.path.realpath(spec.root) if spec.root else "/"
+    layers: list[tuple[str, str, str]] = [("/", "L0", base)]
     extra: list[Op] = []
-    for m in host_mounts():
+    for m in host_mounts() if spec.root is None else ():
         mp = m.mountpoint
         if mp == "/" or m.fstype in PSEUDO_FS or any(_under(mp, t) for t in STANDARD_TREES):
             continue
@@ -102,15 +104,16 @@ def overlay_root_ops(spec, plan, standard_tmpfs) -> tuple[list[Op], Layout]:  # 
             # A file mounted on its own (a container's /etc/hosts): read-only pass-through.
             extra.append(Op("bind", a=OLD + mp, b=NEW + mp, flags=BIND_RO, path=mp, detail="a host file mount"))
             continue
-        layers.append((mp, f"L{len(layers)}"))
-    for mp, name in layers:
+        layers.append((mp, f"L{len(layers)}", mp))
+    for mp, name, lower in layers:
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755))
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755))
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755))
-        lower = OLD if mp == "/" else OLD + mp
-        data = f"lowerdir={lower},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
-        ops.append(Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, path=mp,
-                      detail="copy-on-write layer over the host's " + ("root" if mp == "/" else mp)))
+        data = f"lowerdir={OLD + lower if lower != '/' else OLD},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
+        if userxattr:
+            data += ",userxattr"
+        ops.append(Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, path=lower,
+                      detail="copy-on-write layer over " + lower))
     ops += extra
     return ops, Layout(layers=tuple(layers))
 
@@ -119,10 +122,11 @@ def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-
     """/proc, a minimal /dev, read-only /sys, hidden /run: inside /newroot."""
     ns = plan.namespaces
     ops: list[Op] = []
+    create = BIND_CREATE if writable else 0  # mount points can be made in the upper layer
     if spec.mount_proc and "pid" in ns:
-        ops.append(Op("mount-proc", b=NEW + "/proc", path="/proc"))
+        ops.append(Op("mount-proc", b=NEW + "/proc", flags=create, path="/proc"))
     if spec.dev == "minimal" and writable:
-        ops.append(Op("mount-tmpfs", b=NEW + "/dev", c="mode=0755", path="/dev"))
+        ops.append(Op("mount-tmpfs", b=NEW + "/dev", c="mode=0755", flags=create, path="/dev"))
         for node in DEV_NODES:
             if os.path.exists("/dev/" + node):
                 ops.append(Op("bind", a=f"{OLD}/dev/{node}", b=f"{NEW}/dev/{node}", flags=BIND_CREATE,
@@ -132,7 +136,7 @@ def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-
             ops.append(Op("symlink", a=target, b=f"{NEW}/dev/{name}", path=f"/dev/{name}"))
         ops.append(Op("mkdir", a=NEW + "/dev/shm", ival=0o1777))
     if writable:
-        ops.append(Op("bind", a=OLD + "/sys", b=NEW + "/sys", flags=BIND_RO | BIND_REC, path="/sys"))
+        ops.append(Op("bind", a=OLD + "/sys", b=NEW + "/sys", flags=BIND_RO | BIND_REC | create, path="/sys"))
         for h in spec.hide:
             ops.append(Op("mount-tmpfs", b=NEW + h, c="mode=0755,size=1m", flags=BIND_CREATE, path=h,
                           detail="hidden"))
@@ -215,7 +219,7 @@ class UpperEntry:
     so the sandboxed payload itself can take it)."""
 
     path: str
-    on_host: bool  # False for scratch places (a tmpfs has no host counterpart)
+    host: str | None  # the lower file to compare with; None for scratch places (a tmpfs)
     mode: int
     uid: int
     gid: int
@@ -227,9 +231,10 @@ class UpperEntry:
     digest: str | None = None
 
 
-def _scan(dir_fd: int, inside: str, on_host: bool, out: list[UpperEntry]) -> None:
+def _scan(dir_fd: int, inside: str, host: str | None, out: list[UpperEntry]) -> None:
     for name in sorted(os.listdir(dir_fd)):
         path = inside.rstrip("/") + "/" + name
+        hpath = None if host is None else host.rstrip("/") + "/" + name
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         link = content = digest = None
         if stat.S_ISLNK(st.st_mode):
@@ -244,12 +249,12 @@ def _scan(dir_fd: int, inside: str, on_host: bool, out: list[UpperEntry]) -> Non
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
                     digest = h.hexdigest()
-        out.append(UpperEntry(path, on_host, st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime),
+        out.append(UpperEntry(path, hpath, st.st_mode, st.st_uid, st.st_gid, st.st_size, int(st.st_mtime),
                               st.st_rdev, link, content, digest))
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
             try:
-                _scan(fd, path, on_host, out)
+                _scan(fd, path, hpath, out)
             finally:
                 os.close(fd)
 
@@ -257,13 +262,14 @@ def _scan(dir_fd: int, inside: str, on_host: bool, out: list[UpperEntry]) -> Non
 def scan_uppers(uppers_fd: int, layout: Layout) -> list[UpperEntry]:
     """Every entry of the upper layers and scratch places, read through ``uppers_fd``."""
     out: list[UpperEntry] = []
-    for places, on_host, sub in ((layout.layers, True, "/upper"), (layout.scratch, False, "")):
-        for inside, name in places:
-            fd = os.open(name + sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=uppers_fd)
-            try:
-                _scan(fd, inside, on_host, out)
-            finally:
-                os.close(fd)
+    places = [(inside, name + "/upper", lower) for inside, name, lower in layout.layers]
+    places += [(inside, name, None) for inside, name in layout.scratch]
+    for inside, sub, lower in places:
+        fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=uppers_fd)
+        try:
+            _scan(fd, inside, lower, out)
+        finally:
+            os.close(fd)
     return out
 
 
@@ -292,7 +298,7 @@ def classify(entries: list[UpperEntry], skip: frozenset[str] = frozenset()) -> C
         if e.path in skip:
             continue
         try:
-            hst = os.lstat(e.path) if e.on_host else None
+            hst = os.lstat(e.host) if e.host is not None else None
         except OSError:
             hst = None
         kind: str | None
@@ -301,8 +307,8 @@ def classify(entries: list[UpperEntry], skip: frozenset[str] = frozenset()) -> C
         elif stat.S_ISDIR(e.mode):
             kind = "metadata" if (e.mode, e.uid, e.gid) != (hst.st_mode, hst.st_uid, hst.st_gid) else None
         elif stat.S_ISLNK(e.mode):
-            kind = None if os.readlink(e.path) == e.link else "modified"
-        elif stat.S_ISREG(e.mode) and (e.size != hst.st_size or not _same_content(e, e.path)):
+            kind = None if os.readlink(e.host or "") == e.link else "modified"
+        elif stat.S_ISREG(e.mode) and (e.size != hst.st_size or not _same_content(e, e.host or "")):
             kind = "modified"
         elif (e.mode, e.uid, e.gid, e.mtime) != (hst.st_mode, hst.st_uid, hst.st_gid, int(hst.st_mtime)):
             kind = "metadata"

@@ -61,12 +61,13 @@ class Plan:
     gid_map: str | None
     setgroups_deny: bool
     root: str = "readonly"
+    overlay_first: bool = False  # overlay as real root, then enter the user namespace
 
     @property
     def late_namespaces(self) -> tuple[str, ...]:
         """Namespaces entered with unshare after the root is built (owned by the new user
         namespace): only for the copy-on-write root, which must be overlaid first."""
-        if self.root != "overlay" or "user" not in self.namespaces:
+        if self.root != "overlay" or "user" not in self.namespaces or not self.overlay_first:
             return ()
         return tuple(n for n in self.namespaces if n in LATE_NS)
 
@@ -129,15 +130,20 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
     root = "host"
     if "mount" in granted:
         root = "readonly"
-        if spec.copy_on_write and spec.root is None:
+        if spec.copy_on_write:
+            # The host's root needs real root (overlaid before the user namespace is
+            # entered); a directory of one's own can be overlaid inside a user namespace.
             cap = caps["overlay.root"]
+            if spec.root is not None and not cap.granted and "user" in granted:
+                cap = caps["overlay"]
             if cap.granted:
                 root = "overlay"
             elif spec.strict:
                 raise OverlayUnavailable(cap.reason, cap.fix)
             else:
                 degr.append(OverlaySkipped(cap.reason))
-    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root)
+    overlay_first = root == "overlay" and caps["overlay.root"].granted
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -162,7 +168,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
         ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
         mountpoints: list[str] = []
         if plan.root == "overlay":
-            root_ops, layout = rootfs.overlay_root_ops(spec, plan, ())
+            root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
             ops += root_ops
             ops += rootfs.standard_ops(spec, plan, writable=True)
             mountpoints += ["/dev", "/sys", "/proc", *spec.hide]

@@ -215,3 +215,32 @@ def test_degrades_to_read_only_without_overlay(tmp_path, leak_check):
 def test_overlay_types_are_public():
     assert OverlaySkipped("why").describe().startswith("copy-on-write root skipped")
     assert "fix: x" in str(OverlayUnavailable("why", "x"))
+
+
+@pytest.fixture
+def busybox_root(tmp_path):
+    busybox = "/bin/busybox"  # Debian's busybox-static: no shared libraries to bring along
+    if not os.path.exists(busybox):
+        pytest.skip("needs busybox-static (apt-get install busybox-static; scripts/check installs it)")
+    root = tmp_path / "busybox-root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "ls", "cat", "echo", "hostname", "id"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc").mkdir()
+    (root / "etc" / "motd").write_text("from the busybox tree\n")
+    return root
+
+
+def test_busybox_root_runs_sh_copy_on_write(busybox_root, leak_check):
+    before = sorted(p.name for p in (busybox_root / "etc").iterdir())
+    r = Sandbox(Spec(root=str(busybox_root), env={"PATH": "/bin"})).run(
+        ["/bin/sh", "-c", "cat /etc/motd; ls /; echo new > /etc/new; echo $$; hostname"]
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "from the busybox tree"
+    assert lines[-2:] == ["2", "incarnate"]
+    assert "bin" in lines and "proc" in lines and "usr" not in lines  # only the tree, not the host
+    assert ("/etc/new", "created") in {(c.path, c.kind) for c in r.changes}
+    assert sorted(p.name for p in (busybox_root / "etc").iterdir()) == before  # the tree is unchanged
