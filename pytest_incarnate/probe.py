@@ -317,8 +317,8 @@ def _probe() -> Capabilities:
         items.append(Capability("overlay.root", False, "CAP_SYS_ADMIN is missing: the host root can only be overlaid "
                                 "from a mount namespace of the initial user namespace", "run as root with CAP_SYS_ADMIN"))
     else:
-        items.append(Capability("overlay.root", False, "not root: copy-on-write of the host root for unprivileged "
-                                "users is not implemented yet (the root is read-only, with tmpfs on /tmp)", "run as root"))
+        items.append(Capability("overlay.root", False, "not root: in a user namespace inherited mounts are locked and "
+                                "overlayfs refuses the host root as a lower layer", "run as root"))
 
     st = _ffi.spawn(Native(ns=(), ops=[], use_init=False))
     os.waitpid(st.pid, 0)

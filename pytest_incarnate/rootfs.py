@@ -118,6 +118,66 @@ def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  #
     return ops, Layout(layers=tuple(layers))
 
 
+def _layer_ops(mp: str, name: str, lower: str, userxattr: bool) -> list[Op]:
+    data = f"lowerdir={OLD + lower if lower != '/' else OLD},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
+    if userxattr:
+        data += ",userxattr"
+    return [
+        Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755),
+        Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755),
+        Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755),
+        Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, flags=BIND_CREATE, path=lower,
+           detail="copy-on-write layer over " + lower),
+    ]
+
+
+def _own_roots(paths: list[str], uid: int) -> list[str]:
+    """For each path, its topmost ancestor that the caller owns, with everything between:
+    an overlay rooted there never copies up a directory the caller does not own (with a
+    one-id map that copy-up fails: EOVERFLOW)."""
+    out: list[str] = []
+    for p in paths:
+        p = os.path.realpath(p)
+        top = None
+        while p != "/":
+            try:
+                if os.stat(p).st_uid != uid:
+                    break
+            except OSError:
+                break
+            top = p
+            p = os.path.dirname(p)
+        if top is not None and top not in out:
+            out.append(top)
+    return out
+
+
+def own_tree_ops(spec, plan) -> tuple[list[Op], Layout]:  # type: ignore[no-untyped-def]
+    """For a caller that is not real root: the host root stays read-only, and each
+    directory tree the caller owns (its home, the project) is overlaid copy-on-write.
+
+    Measured (Linux 6.18): inside a user namespace inherited mounts are locked and
+    overlayfs refuses ``lowerdir=/``; a root assembled from overlays of the top-level
+    directories works, but with a one-id map every root-owned directory below a layer's
+    top fails to copy up (EOVERFLOW, /var/tmp included), while each layer's top directory
+    becomes writable (its upper directory is the caller's).  An overlay rooted at a tree the
+    caller owns never copies up a directory it does not own."""
+    ops: list[Op] = []
+    mounts = [m.mountpoint for m in host_mounts() if m.mountpoint != "/"]
+    hidden = [t.target for t in spec.tmpfs] + list(spec.hide) + [b.target or b.source for b in spec.binds]
+    layers: list[tuple[str, str, str]] = []
+    for own in _own_roots([os.path.expanduser("~"), os.getcwd()], os.geteuid()):
+        if any(_under(own, h) or _under(h, own) for h in hidden) or any(_under(m, own) for m in mounts):
+            continue  # a mount below it would be locked: overlayfs refuses such a lower layer
+        name = f"L{len(layers)}"
+        layers.append((own, name, own))
+        ops.extend(_layer_ops(own, name, own, userxattr=True))
+    if layers:
+        upper_data = "mode=0755" + (f",size={spec.upper_size}" if spec.upper_size is not None else "")
+        ops.insert(0, Op("mount-tmpfs", b=UPPERS, c=upper_data, flags=BIND_CREATE, path="(upper layers)"))
+    return ops, Layout(layers=tuple(layers))
+
+
 def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-untyped-def]
     """/proc, a minimal /dev, read-only /sys, hidden /run: inside /newroot."""
     ns = plan.namespaces

@@ -133,15 +133,20 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
         if spec.copy_on_write:
             # The host's root needs real root (overlaid before the user namespace is
             # entered); a directory of one's own can be overlaid inside a user namespace.
+            # The host's root needs real root (overlaid before the user namespace is
+            # entered); a directory of one's own can be overlaid inside a user namespace.
             cap = caps["overlay.root"]
-            if spec.root is not None and not cap.granted and "user" in granted:
-                cap = caps["overlay"]
-            if cap.granted:
+            userns_overlay = "user" in granted and caps["overlay"].granted
+            if cap.granted or (spec.root is not None and userns_overlay):
                 root = "overlay"
             elif spec.strict:
                 raise OverlayUnavailable(cap.reason, cap.fix)
             else:
-                degr.append(OverlaySkipped(cap.reason))
+                reason = cap.reason
+                if userns_overlay:
+                    root = "own-trees"
+                    reason += "; the caller's own trees (home, project) are copy-on-write, the rest read-only"
+                degr.append(OverlaySkipped(reason))
     overlay_first = root == "overlay" and caps["overlay.root"].granted
     return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first)
 
@@ -178,6 +183,9 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
                           flags=BIND_RO | BIND_REC, path=root_src))
             if spec.mount_proc and "pid" in ns:
                 ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
+            if plan.root == "own-trees":
+                root_ops, layout = rootfs.own_tree_ops(spec, plan)
+                ops += root_ops
         scratch: list[tuple[str, str]] = []
         for t in spec.tmpfs:
             mountpoints.append(t.target)
@@ -208,7 +216,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
             mountpoints.append(target)
             ops.append(Op("bind", a=old + src, b=new + target, flags=flags, path=b.source,
                           detail=f"onto {target}" + (" (read-only)" if b.readonly else "")))
-        if plan.root == "overlay":
+        if plan.root == "overlay" or layout.layers:
             hold = rootfs.hold_fd_number()
             ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
             skip = frozenset(p for m in mountpoints for p in _ancestors(m))

@@ -193,7 +193,7 @@ def test_degrades_to_read_only_without_overlay(tmp_path, leak_check):
         from pytest_incarnate.errors import OverlayUnavailable
         r = Sandbox().run(["sh", "-c", "echo x > /etc/x 2>/dev/null; echo $?; echo t > /tmp/t && echo tmp-ok"])
         out = {"out": r.stdout.decode(), "degr": [[type(d).__name__, d.reason] for d in r.degradations],
-               "changes": r.changes}
+               "changes": [[c.path, c.kind] for c in r.changes] if r.changes is not None else None}
         try:
             Sandbox(Spec(strict=True)).run(["/bin/true"])
         except OverlayUnavailable as e:
@@ -208,7 +208,7 @@ def test_degrades_to_read_only_without_overlay(tmp_path, leak_check):
     status, tmp = got["out"].split()
     assert status != "0" and tmp == "tmp-ok"  # /etc read-only, /tmp writable
     assert [d[0] for d in got["degr"]] == ["OverlaySkipped"] and "CAP_SYS_ADMIN" in got["degr"][0][1]
-    assert got["changes"] is None
+    assert got["changes"] == []  # /tmp is plain tmpfs here; the caller's own trees were not written
     assert "cannot give the sandbox a copy-on-write root" in got["strict"]
 
 
@@ -244,3 +244,55 @@ def test_busybox_root_runs_sh_copy_on_write(busybox_root, leak_check):
     assert "bin" in lines and "proc" in lines and "usr" not in lines  # only the tree, not the host
     assert ("/etc/new", "created") in {(c.path, c.kind) for c in r.changes}
     assert sorted(p.name for p in (busybox_root / "etc").iterdir()) == before  # the tree is unchanged
+
+
+def test_unprivileged_user_writes_its_own_files_copy_on_write():
+    """As uid 65534: the user's own tree (its home, under a root-owned parent) is
+    copy-on-write; the rest of the host root is read-only (EROFS, where the host says
+    EACCES: see docs/limitations.md)."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3") or shutil.which("setpriv") is None:
+        pytest.skip("needs root (to switch user), setpriv and Debian's /usr/bin/python3")
+    if subprocess.run(["/usr/bin/python3", "-c", "import cffi, _cffi_backend"], capture_output=True).returncode:
+        pytest.skip("needs python3-cffi for /usr/bin/python3 (scripts/check installs it)")
+    import pytest_incarnate
+
+    base = tempfile.mkdtemp(prefix="rootfs-unpriv-", dir="/var/tmp")  # root-owned parent
+    try:
+        shutil.copytree(os.path.dirname(pytest_incarnate.__file__), os.path.join(base, "pkg", "pytest_incarnate"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        home = os.path.join(base, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, "notes.txt"), "w") as f:
+            f.write("host\n")
+        for p in (home, os.path.join(home, "notes.txt")):
+            os.chown(p, 65534, 65534)
+        for root, dirs, files in os.walk(base):
+            os.chmod(root, 0o755)
+        script = os.path.join(base, "s.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent("""
+                import json, os
+                from pytest_incarnate import Sandbox
+                r = Sandbox().run(["sh", "-c",
+                    "echo inside >> $HOME/notes.txt && cat $HOME/notes.txt; echo x > /etc/x || true"])
+                print(json.dumps({"rc": r.returncode, "out": r.stdout.decode(), "err": r.stderr.decode(),
+                                  "changes": [[c.path, c.kind] for c in r.changes or ()],
+                                  "degr": [type(d).__name__ for d in r.degradations]}))
+            """))
+        os.chmod(script, 0o644)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin",
+             f"HOME={home}", f"PYTHONPATH={base}/pkg", "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/python3", script],
+            capture_output=True, text=True, timeout=60, cwd=home,
+        )
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        assert got["rc"] == 0, got["err"]
+        assert got["out"] == "host\ninside\n"
+        assert "Read-only file system" in got["err"]
+        assert got["changes"] == [[f"{home}/notes.txt", "modified"]]
+        assert got["degr"] == ["OverlaySkipped"]
+        with open(os.path.join(home, "notes.txt")) as f:
+            assert f.read() == "host\n"  # the host file is unchanged
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
