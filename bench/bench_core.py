@@ -13,14 +13,29 @@ Lines:
                     captured through pipes, read to EOF, waited for.
   incarnate spawn   Sandbox(spec).spawn(["/bin/true"]).wait(): inherited stdio, like
                     the peers below.
+  incarnate cow     Sandbox().spawn(["/bin/true"]).wait(): the default Spec, all seven
+                    namespaces, the host's root copy-on-write.
+  incarnate ro      Sandbox(Spec(copy_on_write=False)).spawn(["/bin/true"]).wait(): all
+                    seven namespaces, the host's root read-only.
   subprocess        subprocess.run(["/bin/true"]): no sandbox, the floor.
   unshare           subprocess.run(["unshare", "-Urmpfn", "--mount-proc", "/bin/true"])
   bwrap             subprocess.run(["bwrap", "--unshare-all", "--dev-bind", "/", "/",
                     "/bin/true"])
+  bwrap ro          subprocess.run(["bwrap", "--unshare-all", "--ro-bind", "/", "/",
+                    "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "/bin/true"]):
+                    the nearest bwrap equivalent of the read-only root.
+  bwrap overlay     the same with "--overlay-src / --tmp-overlay /" in place of
+                    "--ro-bind / /", if the installed bwrap has those options (bubblewrap
+                    0.11.0 and later); otherwise reported as skipped, with the reason.
 
 spec = Spec(namespaces={"user", "mount", "pid", "uts", "ipc", "net"}) with the other
-fields at their defaults (read-only host root, tmpfs on /tmp and /dev/shm, fresh /proc,
-lo up, hostname "incarnate").
+fields at their defaults, which now include the copy-on-write host root (overlays on a
+sandbox-private tmpfs, fresh /proc, minimal /dev, read-only /sys, /run hidden, scratch
+/tmp and /dev/shm), lo up and hostname "incarnate".
+
+The table gives each median as a ratio to three references: bwrap --dev-bind / / (the
+original peer), bwrap's read-only equivalent (the peer for the cow and ro lines) and
+subprocess.run.
 
 Usage: python bench/bench_core.py [--runs N] [--warmup N] [--json PATH]
 """
@@ -78,6 +93,42 @@ def _subprocess_line(key: str, label: str, argv: list[str], install_hint: str = 
     return Line(key, label, cmd, call)
 
 
+BWRAP_RO = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--proc", "/proc",
+            "--dev", "/dev", TRUE]
+BWRAP_OVERLAY = ["bwrap", "--unshare-all", "--overlay-src", "/", "--tmp-overlay", "/", "--tmpfs", "/tmp",
+                 "--proc", "/proc", "--dev", "/dev", TRUE]
+
+
+def bwrap_overlay_missing() -> str:
+    """Why the bwrap overlay line cannot run here ("" if it can): bubblewrap has
+    --overlay-src/--tmp-overlay since 0.11.0 (NEWS.md), not in older versions."""
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return "bwrap not found on PATH (install it: apt-get install -y bubblewrap)"
+    try:
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap --help failed ({e})"
+    text = out.stdout + out.stderr
+    missing = [o for o in ("--overlay-src", "--tmp-overlay") if o not in text]
+    if missing:
+        return (f"{_version([exe, '--version'])} has no {' or '.join(missing)} in its --help "
+                "(bubblewrap added the overlay options in 0.11.0)")
+    return ""
+
+
+def _incarnate_spawn_call(make_box: Callable[[], object], want_root: str) -> Callable[[], int]:
+    """spawn(["/bin/true"]).wait() on a fresh Sandbox; a degraded plan or a root other than
+    the one meant (overlay or readonly) is a failure, not a sample."""
+    def call() -> int:
+        h = make_box().spawn([TRUE])  # type: ignore[attr-defined]
+        if h.degradations or h.plan.root != want_root:
+            h.wait()
+            raise RuntimeError(f"root {h.plan.root!r}, degraded: {[str(d) for d in h.degradations]}")
+        return h.wait()
+    return call
+
+
 def make_lines() -> list[Line]:
     lines: list[Line] = []
     try:
@@ -87,6 +138,10 @@ def make_lines() -> list[Line]:
         lines.append(Line("incarnate_run", "incarnate run (pipes)", "Sandbox(spec).run([...])", None, skipped=why))
         lines.append(Line("incarnate_spawn", "incarnate spawn().wait()", "Sandbox(spec).spawn([...]).wait()", None,
                           skipped=why))
+        lines.append(Line("incarnate_cow", "incarnate cow spawn().wait()", "Sandbox().spawn([...]).wait()", None,
+                          skipped=why))
+        lines.append(Line("incarnate_ro", "incarnate ro spawn().wait()",
+                          "Sandbox(Spec(copy_on_write=False)).spawn([...]).wait()", None, skipped=why))
     else:
         spec = Spec(namespaces=NAMESPACES)
 
@@ -108,11 +163,24 @@ def make_lines() -> list[Line]:
                           f"Sandbox(Spec(namespaces={{{ns}}})).run(['{TRUE}'])", run_piped))
         lines.append(Line("incarnate_spawn", "incarnate spawn().wait()",
                           f"Sandbox(Spec(namespaces={{{ns}}})).spawn(['{TRUE}']).wait()", spawn_wait))
+        ro_spec = Spec(copy_on_write=False)
+        lines.append(Line("incarnate_cow", "incarnate cow spawn().wait()",
+                          f"Sandbox().spawn(['{TRUE}']).wait()  (default Spec: 7 namespaces, copy-on-write root)",
+                          _incarnate_spawn_call(lambda: Sandbox(), "overlay")))
+        lines.append(Line("incarnate_ro", "incarnate ro spawn().wait()",
+                          f"Sandbox(Spec(copy_on_write=False)).spawn(['{TRUE}']).wait()  (7 namespaces, read-only root)",
+                          _incarnate_spawn_call(lambda: Sandbox(ro_spec), "readonly")))
     lines.append(_subprocess_line("subprocess", "subprocess.run", [TRUE]))
     lines.append(_subprocess_line("unshare", "unshare -Urmpfn", ["unshare", "-Urmpfn", "--mount-proc", TRUE],
                                   "apt-get install -y util-linux"))
     lines.append(_subprocess_line("bwrap", "bwrap --unshare-all", ["bwrap", "--unshare-all", "--dev-bind", "/", "/", TRUE],
                                   "apt-get install -y bubblewrap"))
+    lines.append(_subprocess_line("bwrap_ro", "bwrap --ro-bind / /", BWRAP_RO, "apt-get install -y bubblewrap"))
+    why = bwrap_overlay_missing()
+    if why:
+        lines.append(Line("bwrap_overlay", "bwrap --tmp-overlay /", " ".join(BWRAP_OVERLAY), None, skipped=why))
+    else:
+        lines.append(_subprocess_line("bwrap_overlay", "bwrap --tmp-overlay /", BWRAP_OVERLAY))
     return lines
 
 
@@ -184,7 +252,7 @@ def summarize(lines: list[Line]) -> dict[str, dict[str, object]]:
                 d.update(median_ms=percentile(ms, 0.5), p90_ms=percentile(ms, 0.9),
                          min_ms=min(ms), max_ms=max(ms), mean_ms=sum(ms) / len(ms))
         out[line.key] = d
-    for ref in ("bwrap", "subprocess"):
+    for ref in ("bwrap", "bwrap_ro", "subprocess"):
         base = out.get(ref, {}).get("median_ms")
         for d in out.values():
             med = d.get("median_ms")
@@ -197,18 +265,19 @@ def _fmt_ratio(x: object) -> str:
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
-    rows = [("line", "median ms", "p90 ms", "vs bwrap", "vs subprocess", "n")]
+    rows = [("line", "median ms", "p90 ms", "vs bwrap", "vs bwrap ro", "vs subprocess", "n")]
     notes = []
     for d in results.values():
         if "skipped" in d:
-            rows.append((str(d["label"]), "skipped", "", "", "", ""))
+            rows.append((str(d["label"]), "skipped", "", "", "", "", ""))
             notes.append(f"{d['label']}: skipped: {d['skipped']}")
             continue
         if "median_ms" not in d:
-            rows.append((str(d["label"]), "failed", "", "", "", "0"))
+            rows.append((str(d["label"]), "failed", "", "", "", "", "0"))
         else:
             rows.append((str(d["label"]), f"{d['median_ms']:.3f}", f"{d['p90_ms']:.3f}",
-                         _fmt_ratio(d["ratio_to_bwrap"]), _fmt_ratio(d["ratio_to_subprocess"]), str(d["n"])))
+                         _fmt_ratio(d["ratio_to_bwrap"]), _fmt_ratio(d["ratio_to_bwrap_ro"]),
+                         _fmt_ratio(d["ratio_to_subprocess"]), str(d["n"])))
         if d.get("failures"):
             notes.append(f"{d['label']}: {d['failures']} failed calls (first: {d['first_failure']})")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -18,8 +18,10 @@ def test_bench_core_runs_and_writes_json(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     results = json.loads(out.read_text())["results"]
-    for key in ("incarnate_run", "incarnate_spawn", "subprocess"):
+    for key in ("incarnate_run", "incarnate_spawn", "incarnate_cow", "incarnate_ro", "subprocess"):
         assert results[key].get("median_ms", 0) > 0, (key, results[key])
         assert results[key]["failures"] == 0, (key, results[key])
-    for key in ("unshare", "bwrap"):   # measured, or skipped with a reason
+    for key in ("unshare", "bwrap", "bwrap_ro", "bwrap_overlay"):   # measured, or skipped with a reason
         assert "median_ms" in results[key] or results[key].get("skipped"), (key, results[key])
+        if "median_ms" in results[key]:
+            assert results[key]["median_ms"] > 0, (key, results[key])
