@@ -70,7 +70,7 @@ def host_mounts() -> list[HostMount]:
 class Layout:
     """Where each upper directory shows inside, for the changes report."""
 
-    layers: tuple[tuple[str, str, str], ...] = ()  # (mount point inside, upper dir, host lower dir)
+    layers: tuple[tuple[str, str, str], ...] = ()  # (mount point inside, upper dir, host lower dirs "a:b")
     scratch: tuple[tuple[str, str], ...] = ()     # (tmpfs place inside, dir under /uppers)
     mountpoints: frozenset[str] = frozenset()     # places the sandbox mounted on (not changes)
     hold_fd: int = -1
@@ -91,10 +91,10 @@ def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  #
     ops.append(Op("mount-tmpfs", b=UPPERS, c=upper_data, flags=BIND_CREATE, path="(upper layers)"))
     hidden = [t.target for t in spec.tmpfs] + list(spec.hide)
     hidden += [b.target or b.source for b in spec.binds]
-    base = os.path.realpath(spec.root) if spec.root else "/"
+    base = ":".join(spec.root_dirs())
     layers: list[tuple[str, str, str]] = [("/", "L0", base)]
     extra: list[Op] = []
-    for m in host_mounts() if spec.root is None else ():
+    for m in host_mounts() if not spec.custom_root else ():
         mp = m.mountpoint
         if mp == "/" or m.fstype in PSEUDO_FS or any(_under(mp, t) for t in STANDARD_TREES):
             continue
@@ -109,7 +109,8 @@ def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  #
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755))
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755))
         ops.append(Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755))
-        data = f"lowerdir={OLD + lower if lower != '/' else OLD},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
+        lowers = ":".join(OLD + p if p != "/" else OLD for p in lower.split(":"))
+        data = f"lowerdir={lowers},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
         if userxattr:
             data += ",userxattr"
         ops.append(Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, path=lower,
@@ -279,7 +280,7 @@ class UpperEntry:
     so the sandboxed payload itself can take it)."""
 
     path: str
-    host: str | None  # the lower file to compare with; None for scratch places (a tmpfs)
+    host: tuple[str, ...] | None  # the lower files to compare with, top first; None: scratch
     mode: int
     uid: int
     gid: int
@@ -291,10 +292,10 @@ class UpperEntry:
     digest: str | None = None
 
 
-def _scan(dir_fd: int, inside: str, host: str | None, out: list[UpperEntry]) -> None:
+def _scan(dir_fd: int, inside: str, host: tuple[str, ...] | None, out: list[UpperEntry]) -> None:
     for name in sorted(os.listdir(dir_fd)):
         path = inside.rstrip("/") + "/" + name
-        hpath = None if host is None else host.rstrip("/") + "/" + name
+        hpath = None if host is None else tuple(h.rstrip("/") + "/" + name for h in host)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         link = content = digest = None
         if stat.S_ISLNK(st.st_mode):
@@ -322,7 +323,9 @@ def _scan(dir_fd: int, inside: str, host: str | None, out: list[UpperEntry]) -> 
 def scan_uppers(uppers_fd: int, layout: Layout) -> list[UpperEntry]:
     """Every entry of the upper layers and scratch places, read through ``uppers_fd``."""
     out: list[UpperEntry] = []
-    places = [(inside, name + "/upper", lower) for inside, name, lower in layout.layers]
+    places: list[tuple[str, str, tuple[str, ...] | None]] = [
+        (inside, name + "/upper", tuple(lower.split(":"))) for inside, name, lower in layout.layers
+    ]
     places += [(inside, name, None) for inside, name in layout.scratch]
     for inside, sub, lower in places:
         fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=uppers_fd)
@@ -357,18 +360,21 @@ def classify(entries: list[UpperEntry], skip: frozenset[str] = frozenset()) -> C
             continue
         if e.path in skip:
             continue
-        try:
-            hst = os.lstat(e.host) if e.host is not None else None
-        except OSError:
-            hst = None
+        hst = host = None
+        for candidate in e.host or ():  # the topmost lower layer that has it
+            try:
+                hst, host = os.lstat(candidate), candidate
+                break
+            except OSError:
+                continue
         kind: str | None
         if hst is None or stat.S_IFMT(hst.st_mode) != stat.S_IFMT(e.mode):
             kind = "created"
         elif stat.S_ISDIR(e.mode):
             kind = "metadata" if (e.mode, e.uid, e.gid) != (hst.st_mode, hst.st_uid, hst.st_gid) else None
         elif stat.S_ISLNK(e.mode):
-            kind = None if os.readlink(e.host or "") == e.link else "modified"
-        elif stat.S_ISREG(e.mode) and (e.size != hst.st_size or not _same_content(e, e.host or "")):
+            kind = None if os.readlink(host or "") == e.link else "modified"
+        elif stat.S_ISREG(e.mode) and (e.size != hst.st_size or not _same_content(e, host or "")):
             kind = "modified"
         elif (e.mode, e.uid, e.gid, e.mtime) != (hst.st_mode, hst.st_uid, hst.st_gid, int(hst.st_mtime)):
             kind = "metadata"

@@ -137,7 +137,7 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
             # entered); a directory of one's own can be overlaid inside a user namespace.
             cap = caps["overlay.root"]
             userns_overlay = "user" in granted and caps["overlay"].granted
-            if cap.granted or (spec.root is not None and userns_overlay):
+            if cap.granted or (spec.custom_root and userns_overlay):
                 root = "overlay"
             elif spec.strict:
                 raise OverlayUnavailable(cap.reason, cap.fix)
@@ -178,9 +178,14 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
             ops += rootfs.standard_ops(spec, plan, writable=True)
             mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
         else:
-            root_src = os.path.realpath(spec.root) if spec.root else "/"
-            ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new,
-                          flags=BIND_RO | BIND_REC, path=root_src))
+            dirs = spec.root_dirs()
+            if len(dirs) == 1:
+                root_src = dirs[0]
+                ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new,
+                              flags=BIND_RO | BIND_REC, path=root_src))
+            else:  # a read-only overlay of the layer stack
+                data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns else "")
+                ops.append(Op("mount-overlay", b=new, c=data, path=":".join(dirs), detail="read-only layer stack"))
             if spec.mount_proc and "pid" in ns:
                 ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
             if plan.root == "own-trees":
@@ -224,7 +229,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
             here = payload_cwd or os.getcwd()
-            cwd = here if spec.root is None and not spec.mount_root_hides(here) else "/"
+            cwd = here if not spec.custom_root and not spec.mount_root_hides(here) else "/"
     if late:
         flags = 0
         for n in late:
@@ -272,27 +277,24 @@ def _check_argv(argv: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _resolve_exe(argv0: str, env: Mapping[str, str] | None, root: str | None) -> str:
-    """The path to exec, resolved in the parent (the child only execs it)."""
+def _resolve_exe(argv0: str, env: Mapping[str, str] | None, roots: list[str] | None) -> str:
+    """The path to exec, resolved in the parent (the child only execs it).  ``roots``: the
+    directories of a custom root, top first (None: the host's)."""
     path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    bases = [r.rstrip("/") for r in roots] if roots else [""]
+
+    def executable(p: str) -> bool:
+        return any(os.access(b + p, os.X_OK) for b in bases) if p.startswith("/") else os.access(p, os.X_OK)
+
     if "/" in argv0:
-        candidate = argv0
-        found = candidate if os.access((root or "") + candidate if candidate.startswith("/") else candidate, os.X_OK) else None
+        found = argv0 if executable(argv0) else None
+    elif roots is None:
+        found = shutil.which(argv0, path=path)
     else:
-        base = shutil.which(argv0, path=path) if root is None else None
-        if root is not None:
-            for d in path.split(":"):
-                c = os.path.join(d, argv0)
-                if os.access(root + c, os.X_OK):
-                    base = c
-                    break
-        found = base
+        found = next((os.path.join(d, argv0) for d in path.split(":") if executable(os.path.join(d, argv0))), None)
     if not found:
-        err = _errno.ENOENT
-        full = (root or "") + argv0 if argv0.startswith("/") else argv0
-        if os.path.exists(full):
-            err = _errno.EACCES
-        raise NonExecutablePayload(argv0, err)
+        exists = any(os.path.exists(b + argv0) for b in bases) if argv0.startswith("/") else False
+        raise NonExecutablePayload(argv0, _errno.EACCES if exists else _errno.ENOENT)
     return found
 
 
@@ -551,7 +553,7 @@ class Sandbox:
         """Start ``argv`` inside; ``stdin``/``stdout``/``stderr`` take PIPE, DEVNULL, a
         file or an fd (None: inherit)."""
         args = _check_argv(argv)
-        exe = _resolve_exe(args[0], self.spec.env, self.spec.root)
+        exe = _resolve_exe(args[0], self.spec.env, self.spec.root_dirs() if self.spec.custom_root else None)
         plan = self.plan()
         fds: list[int] = []
         to_close: list[int] = []

@@ -185,7 +185,10 @@ class Spec:
     root
         None: the host's root, copy-on-write (writes land in a per-sandbox upper layer and
         vanish; ``Result.changes`` lists them), or read-only with ``copy_on_write=False``.
-        A directory: that directory, read-only.
+        A directory: that directory tree, copy-on-write too.
+    layers
+        a stack of :class:`~pytest_incarnate.layers.Layer` (or directories, or tar archives),
+        top first, as the root: built once into a cache shared by runs and xdist workers.
     upper_size
         size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
     dev, hide
@@ -211,6 +214,7 @@ class Spec:
     namespaces: frozenset[str] = frozenset(NAMESPACES)
     hostname: str | None = "incarnate"
     root: str | None = None
+    layers: tuple[Any, ...] = ()
     binds: tuple[Bind, ...] = ()
     tmpfs: tuple[Tmpfs, ...] = (Tmpfs("/tmp"), Tmpfs("/dev/shm"))
     overlays: tuple[Overlay, ...] = ()
@@ -254,8 +258,17 @@ class Spec:
             except SpecError as e:
                 raise InvalidRootfsPath(self.root, e.problem) from None
             if not os.path.isdir(root):
-                raise InvalidRootfsPath(root, "is not an existing directory")
+                hint = "; a tar archive goes in layers=[...]" if os.path.isfile(root) else ""
+                raise InvalidRootfsPath(root, "is not an existing directory" + hint)
             set_("root", root)
+        if self.layers:  # (imported only when used: it needs filelock)
+            from pytest_incarnate.layers import coerce_layers
+
+            set_("layers", coerce_layers(self.layers))
+        else:
+            set_("layers", ())
+        if self.layers and self.root is not None:
+            raise SpecError("layers", self.layers, "give root (a directory) or layers (a stack), not both")
         set_("binds", _coerce_tuple("binds", self.binds, Bind.coerce))
         set_("tmpfs", _coerce_tuple("tmpfs", self.tmpfs, Tmpfs.coerce))
         overlays = _coerce_tuple(
@@ -300,6 +313,17 @@ class Spec:
             if k not in known:
                 raise SpecError(k, kwargs[k], f"unknown {source} keyword; known: {', '.join(sorted(known))}")
         return cls(**kwargs)
+
+    @property
+    def custom_root(self) -> bool:
+        """True when the root is a directory or a layer stack rather than the host's."""
+        return self.root is not None or bool(self.layers)
+
+    def root_dirs(self) -> list[str]:
+        """The host directories that make the root, top first (layers are built now)."""
+        if self.layers:
+            return [layer.path() for layer in self.layers]
+        return [os.path.realpath(self.root)] if self.root is not None else ["/"]
 
     def mount_root_hides(self, path: str) -> bool:
         """True if a tmpfs or overlay of this spec covers ``path`` (and no bind shows it)."""

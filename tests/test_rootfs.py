@@ -296,3 +296,31 @@ def test_unprivileged_user_writes_its_own_files_copy_on_write():
             assert f.read() == "host\n"  # the host file is unchanged
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _add_motd(path: str) -> None:
+    os.makedirs(os.path.join(path, "etc"))
+    with open(os.path.join(path, "etc", "motd"), "w") as f:
+        f.write("from the top layer\n")
+
+
+def test_layer_stack_root(busybox_root, tmp_path, monkeypatch, leak_check):
+    import tarfile
+
+    from pytest_incarnate.layers import Layer
+
+    monkeypatch.setenv("INCARNATE_CACHE_DIR", str(tmp_path / "cache"))
+    archive = tmp_path / "busybox.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(busybox_root, arcname=".")
+    top = Layer.from_callable(_add_motd, key="motd-v1")
+    spec = Spec(layers=[top, str(archive)], env={"PATH": "/bin"})
+    r = Sandbox(spec).run(["/bin/sh", "-c", "cat /etc/motd; echo changed > /etc/motd; ls /bin/sh"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines() == ["from the top layer", "/bin/sh"]
+    assert [(c.path, c.kind) for c in r.changes] == [("/etc/motd", "modified")]
+    with open(os.path.join(top.path(), "etc", "motd")) as f:
+        assert f.read() == "from the top layer\n"  # the cached layer is unchanged
+    with pytest.raises(Exception) as exc:
+        Spec(root=str(busybox_root), layers=[top])
+    assert "root (a directory) or layers" in str(exc.value)
