@@ -262,6 +262,25 @@ class Changes:
         except KeyError:
             raise KeyError(f"no content kept for {path!r}: not a changed regular file, or larger than 1 MiB") from None
 
+    def save(self, directory: str) -> str:
+        """Keep what the sandbox wrote, to inspect after a failure: ``manifest.json`` (each
+        path and its kind) and, under ``files/``, the content of created and modified files
+        (those kept: up to 1 MiB each).  Returns the manifest's path."""
+        import json
+
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        files = os.path.join(directory, "files")
+        for path, data in self._contents.items():
+            dest = os.path.join(files, path.lstrip("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(data)
+        manifest = os.path.join(directory, "manifest.json")
+        with open(manifest, "w") as f:
+            json.dump([{"path": c.path, "kind": c.kind, "content_kept": c.path in self._contents} for c in self.items],
+                      f, indent=2)
+        return manifest
+
     def outside(self, *allowed: str) -> list[Change]:
         return [c for c in self.items if not any(_under(c.path, a) for a in allowed)]
 

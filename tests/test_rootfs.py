@@ -88,7 +88,7 @@ def test_writes_everywhere_leave_the_host_unchanged_and_are_reported(var_tmp_dir
         assert not os.path.exists(os.path.join(d, tok)), d
 
 
-def test_call_reports_changes_too(leak_check):
+def test_call_reports_changes_too(tmp_path, leak_check):
     tok = "cow-" + uuid.uuid4().hex[:8]
 
     def body() -> str:
@@ -104,6 +104,10 @@ def test_call_reports_changes_too(leak_check):
     assert out.changes.content(f"/etc/{tok}") == b"inside"
     assert not os.path.exists(f"/etc/{tok}")
     out.changes.assert_only_under("/etc")
+    kept = tmp_path / "kept"
+    manifest = json.loads(open(out.changes.save(str(kept))).read())
+    assert {m["path"]: m["kind"] for m in manifest} == {"/etc/hosts": "metadata", f"/etc/{tok}": "created"}
+    assert (kept / "files" / "etc" / tok).read_bytes() == b"inside"
     with pytest.raises(AssertionError, match=f"created: /etc/{tok}"):
         out.changes.assert_only_under("/usr")
 
