@@ -66,6 +66,12 @@ def host_mounts() -> list[HostMount]:
     return list(seen.values())
 
 
+def keep(changes: Changes | None, keep_dir: str | None, pid: int) -> None:
+    """Save ``changes`` under ``keep_dir/<pid>`` when the spec asks to keep them."""
+    if changes is not None and keep_dir is not None:
+        changes.save(os.path.join(keep_dir, str(pid)))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each upper directory shows inside, for the changes report."""
@@ -74,6 +80,7 @@ class Layout:
     scratch: tuple[tuple[str, str], ...] = ()     # (tmpfs place inside, dir under /uppers)
     mountpoints: frozenset[str] = frozenset()     # places the sandbox mounted on (not changes)
     hold_fd: int = -1
+    keep_dir: str | None = None                   # Spec.keep_upper
 
 
 def hold_fd_number() -> int:

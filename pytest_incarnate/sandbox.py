@@ -225,7 +225,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
             hold = rootfs.hold_fd_number()
             ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
             skip = frozenset(p for m in mountpoints for p in _ancestors(m))
-            layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold)
+            layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold, spec.keep_upper)
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
             here = payload_cwd or os.getcwd()
@@ -393,6 +393,7 @@ class Handle:
         try:
             if self._hold_fd >= 0 and self._layout is not None:
                 self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
+                rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
         finally:
             self._close_fds()
         if os.WIFSIGNALED(status):
@@ -738,6 +739,7 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
         changes = None
         if entries is not None and native.layout is not None:
             changes = rootfs.classify(entries, native.layout.mountpoints)
+            rootfs.keep(changes, native.layout.keep_dir, pid)
         return CallOutcome(kind, value, p, changes)
 
     try:

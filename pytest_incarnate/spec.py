@@ -191,6 +191,9 @@ class Spec:
         top first, as the root: built once into a cache shared by runs and xdist workers.
     upper_size
         size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
+    keep_upper
+        a directory: after each run, what the sandbox wrote is saved under
+        ``<keep_upper>/<pid>/`` (see ``Changes.save``) to inspect after a failure.
     dev, hide
         ``dev="minimal"``: a fresh /dev (null, zero, full, random, urandom, tty, pts, ptmx,
         shm, the fd links); ``"host"``: the host's, read-only.  ``hide``: paths covered by an
@@ -233,6 +236,7 @@ class Spec:
     upper_size: int | str | None = None
     dev: str = "minimal"
     hide: tuple[str, ...] = ("/run",)
+    keep_upper: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -297,6 +301,8 @@ class Spec:
                 Tmpfs("/", size=self.upper_size)  # the same rules as a tmpfs size
             except SpecError as e:
                 raise SpecError("upper_size", self.upper_size, e.problem) from None
+        if self.keep_upper is not None:
+            set_("keep_upper", _path("keep_upper", self.keep_upper))
         if self.dev not in ("minimal", "host"):
             raise SpecError("dev", self.dev, 'must be "minimal" (a fresh /dev) or "host" (the host\'s, read-only)')
         set_("hide", tuple(_path("hide", h) for h in _coerce_tuple("hide", self.hide, lambda v: v)))

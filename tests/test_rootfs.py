@@ -112,6 +112,14 @@ def test_call_reports_changes_too(tmp_path, leak_check):
         out.changes.assert_only_under("/usr")
 
 
+def test_keep_upper_saves_what_was_written(tmp_path, leak_check):
+    h = Sandbox(Spec(keep_upper=str(tmp_path / "kept"))).spawn(["sh", "-c", "echo kept > /etc/kept-file"])
+    assert h.wait(timeout=30) == 0
+    manifest = json.loads((tmp_path / "kept" / str(h.pid) / "manifest.json").read_text())
+    assert manifest == [{"path": "/etc/kept-file", "kind": "created", "content_kept": True}]
+    assert (tmp_path / "kept" / str(h.pid) / "files" / "etc" / "kept-file").read_text() == "kept\n"
+
+
 def test_upper_size_limit_gives_enospc_and_a_clean_result(leak_check):
     r = Sandbox(Spec(upper_size="1m")).run(
         ["sh", "-c", "dd if=/dev/zero of=/etc/big bs=64k count=64 2>&1; echo rc=$?"]
