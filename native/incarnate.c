@@ -705,9 +705,35 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
 
 /* ----------------------------------------------------------------- parent side ---- */
 
-static pid_t parent_clone(const struct inc_spec *spec, int *pidfd, int *used3)
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+
+struct inc_clone_args_v2 {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    uint64_t set_tid, set_tid_size, cgroup;
+};
+
+static pid_t parent_clone(const struct inc_spec *spec, int *pidfd, int *used3, int *into_cgroup)
 {
     *used3 = 0;
+    *into_cgroup = 0;
+    if (spec->use_clone3 && spec->cgroup_dirfd >= 0) {
+        /* cgroup v2: born in its cgroup, no pid to write afterwards. */
+        struct inc_clone_args_v2 a;
+        memset(&a, 0, sizeof a);
+        a.flags = (uint64_t)(unsigned)spec->ns_flags | (spec->want_pidfd ? CLONE_PIDFD : 0) | CLONE_INTO_CGROUP;
+        a.pidfd = (uint64_t)(uintptr_t)pidfd;
+        a.exit_signal = SIGCHLD;
+        a.cgroup = (uint64_t)spec->cgroup_dirfd;
+        long r = syscall(SYS_clone3, &a, sizeof a);
+        if (r >= 0) {
+            *used3 = 1;
+            *into_cgroup = 1;
+            return (pid_t)r;
+        }
+        /* fall through: the caller writes cgroup.procs instead */
+    }
     if (spec->use_clone3) {
         struct inc_clone_args a;
         memset(&a, 0, sizeof a);
@@ -769,6 +795,27 @@ static int parent_id_maps(const struct inc_spec *spec, pid_t pid, struct inc_res
     return 0;
 }
 
+/* Place the child in its cgroups (v1 controllers, or v2 without CLONE_INTO_CGROUP) while it
+ * waits for the go byte: everything it runs is accounted from the start. */
+static int parent_cgroups(const struct inc_spec *spec, pid_t pid, struct inc_result *res)
+{
+    char buf[24];
+    int len = snprintf(buf, sizeof buf, "%d", (int)pid);
+    int n = spec->n_cgroup_procs_fds;
+    for (int i = 0; i <= n; i++) {
+        int fd = i < n ? spec->cgroup_procs_fds[i] : (res->into_cgroup ? -1 : spec->cgroup_v2_procs_fd);
+        if (fd < 0)
+            continue;
+        if (write(fd, buf, (size_t)len) != len) {
+            res->step = INC_STEP_CGROUP;
+            res->err = errno ? errno : EIO;
+            res->op_index = i;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void close_if(int *fd)
 {
     if (*fd >= 0) {
@@ -822,6 +869,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
     res->status_fd = -1;
     res->used_clone3 = 0;
     res->hold_fd = -1;
+    res->into_cgroup = 0;
 
     if (pipe2(sync, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || (with_init && pipe2(statp, O_CLOEXEC) < 0)) {
         res->step = INC_STEP_PIPE;
@@ -829,8 +877,8 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
         goto fail_pipes;
     }
 
-    int pidfd = -1, used3 = 0;
-    pid_t pid = parent_clone(spec, &pidfd, &used3);
+    int pidfd = -1, used3 = 0, into_cgroup = 0;
+    pid_t pid = parent_clone(spec, &pidfd, &used3, &into_cgroup);
     if (pid < 0) {
         res->step = INC_STEP_CLONE;
         res->err = errno;
@@ -853,10 +901,13 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
     res->pid = pid;
     res->pidfd = pidfd;
     res->used_clone3 = used3;
+    res->into_cgroup = into_cgroup;
     close_if(&sync[0]);
     close_if(&errp[1]);
     close_if(&statp[1]);
 
+    if (parent_cgroups(spec, pid, res) < 0)
+        goto fail_child;
     if (parent_id_maps(spec, pid, res) < 0) {
         res->err = errno;
         goto fail_child;

@@ -87,6 +87,7 @@ enum inc_step {
     INC_STEP_SETSID,
     INC_STEP_MAPS_REQUEST, /* not an error: the child asks the parent for its id maps */
     INC_STEP_HOLD_READY,   /* not an error: the held fd is in place for pidfd_getfd */
+    INC_STEP_CGROUP,       /* writing the child's pid into a cgroup.procs (op_index: which) */
     INC_STEP__MAX
 };
 
@@ -115,6 +116,12 @@ struct inc_spec {
     int n_keep_fds;
     int setsid_payload;
     int expect_ppid;      /* enter mode: the caller's parent; the caller dies with it */
+
+    /* cgroups: the child is placed in them before it runs anything */
+    int cgroup_dirfd;                  /* cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */
+    const int *cgroup_procs_fds;       /* v1 cgroup.procs files the parent writes the pid into */
+    int n_cgroup_procs_fds;
+    int cgroup_v2_procs_fd;            /* v2 cgroup.procs, written only if CLONE_INTO_CGROUP failed */
 };
 
 struct inc_result {
@@ -126,6 +133,7 @@ struct inc_result {
     int status_fd;   /* spawn with an init: read end carrying the payload's wait status */
     int used_clone3; /* 1 if clone3 created the child, 0 if clone(2) did */
     int hold_fd;     /* INC_OP_HOLD: the caller's duplicate of the held directory, else -1 */
+    int into_cgroup; /* 1 if CLONE_INTO_CGROUP placed the child */
 };
 
 /* Spawn: clone the child into the namespaces, write its id maps, let it run the ops and

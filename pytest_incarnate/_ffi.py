@@ -150,6 +150,9 @@ class Native:
     setsid_payload: bool = False
     expect_ppid: int = 0
     layout: Any = None  # rootfs.Layout: where the upper layers show inside
+    cgroup_dirfd: int = -1  # cgroup v2 directory for CLONE_INTO_CGROUP
+    cgroup_procs: Sequence[tuple[int, str]] = ()  # v1: (open cgroup.procs fd, its path)
+    cgroup_v2_procs: tuple[int, str] = (-1, "")   # v2 cgroup.procs, if CLONE_INTO_CGROUP fails
     _keep: list[Any] = field(default_factory=list)
 
     def _cstr(self, s: str | None) -> Any:
@@ -207,6 +210,12 @@ class Native:
         spec.n_keep_fds = len(self.keep_fds)
         spec.setsid_payload = int(self.setsid_payload)
         spec.expect_ppid = self.expect_ppid
+        spec.cgroup_dirfd = self.cgroup_dirfd
+        procs = ffi.new("int[]", [fd for fd, _ in self.cgroup_procs] or [0])
+        self._keep.append(procs)
+        spec.cgroup_procs_fds = procs
+        spec.n_cgroup_procs_fds = len(self.cgroup_procs)
+        spec.cgroup_v2_procs_fd = self.cgroup_v2_procs[0]
         return spec
 
 
@@ -237,6 +246,9 @@ def error_for(native: Native, res: Any) -> IncarnateError:
                 "or one under a tmpfs of the Spec (such as /tmp)"
             )
         return SetupStepFailed(op.kind, err, op.path, detail=detail)
+    if step == lib.INC_STEP_CGROUP:
+        path = native.cgroup_procs[idx][1] if 0 <= idx < len(native.cgroup_procs) else native.cgroup_v2_procs[1]
+        return SetupStepFailed("cgroup", err, path, detail="placing the sandbox in its cgroup")
     if step in (lib.INC_STEP_UID_MAP, lib.INC_STEP_GID_MAP, lib.INC_STEP_SETGROUPS):
         name = STEP_NAMES[step]
         data = {"uid_map": native.uid_map, "gid_map": native.gid_map, "setgroups": "deny"}[name]

@@ -98,7 +98,9 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
     if crash is not None:
         del item.stash[CRASH]
         report.outcome = "failed"
-        if crash.signal:
+        if "OOM-killed" in crash.cause:
+            msg = "sandboxed test " + crash.cause[crash.cause.index("OOM-killed"):]
+        elif crash.signal:
             name = _signal.Signals(crash.signal).name
             msg = f"sandboxed test crashed: killed by signal {crash.signal} ({name})"
         else:

@@ -6,6 +6,7 @@ are recorded) -> ordered child operations -> native core -> Result.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
 import io
 import os
@@ -37,7 +38,7 @@ from pytest_incarnate.errors import (
     UserNsDisabledBySysctl,
     UserNsRestrictedByLsm,
 )
-from pytest_incarnate import rootfs
+from pytest_incarnate import cgroups, rootfs
 from pytest_incarnate.probe import Capabilities, id_maps, probe
 from pytest_incarnate.spec import NAMESPACES, Spec
 
@@ -91,6 +92,11 @@ class Result:
     namespaces: tuple[str, ...] = ()
     duration: float = 0.0
     changes: rootfs.Changes | None = None
+    stats: cgroups.Stats | None = None
+
+    @property
+    def oom_killed(self) -> bool:
+        return self.stats is not None and self.stats.oom_killed
 
     @property
     def ok(self) -> bool:
@@ -309,8 +315,11 @@ class Handle:
 
     def __init__(self, argv: tuple[str, ...], started: _ffi.Started, plan: Plan,
                  stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None,
-                 has_init: bool, layout: rootfs.Layout | None = None) -> None:
+                 has_init: bool, layout: rootfs.Layout | None = None,
+                 cgroup: cgroups.SandboxCgroup | None = None) -> None:
         self.argv = argv
+        self._cgroup = cgroup
+        self.stats: cgroups.Stats | None = None
         self._hold_fd = started.hold_fd
         self._layout = layout
         self.changes: rootfs.Changes | None = None
@@ -396,6 +405,8 @@ class Handle:
                 rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
         finally:
             self._close_fds()
+            self.stats = _release_cgroup(self._cgroup)
+            self._cgroup = None
         if os.WIFSIGNALED(status):
             self.signal = os.WTERMSIG(status)
             self.returncode = -self.signal
@@ -516,8 +527,21 @@ class Sandbox:
 
     # -------------------------------------------------------------- programs
 
-    def _native(self, plan: Plan, **kw: Any) -> Native:
+    def _with_cgroup(self, plan: Plan) -> tuple[Plan, cgroups.SandboxCgroup | None]:
+        """The sandbox's cgroup when the spec has limits; what could not be had is added
+        to the plan's degradations (strict: CgroupNotWritable)."""
+        limits = self.spec.limits()
+        if not limits.any():
+            return plan, None
+        cg, degr = cgroups.create(limits, self.spec.strict)
+        if degr:
+            plan = dataclasses.replace(plan, degradations=plan.degradations + tuple(degr))
+        return plan, cg
+
+    def _native(self, plan: Plan, cg: cgroups.SandboxCgroup | None = None, **kw: Any) -> Native:
         ops, layout = build_ops(self.spec, plan)
+        if cg is not None:
+            kw.update(cgroup_dirfd=cg.dirfd, cgroup_procs=tuple(cg.procs), cgroup_v2_procs=cg.v2_procs)
         return Native(
             ns=plan.clone_namespaces,
             ops=ops,
@@ -555,7 +579,7 @@ class Sandbox:
         file or an fd (None: inherit)."""
         args = _check_argv(argv)
         exe = _resolve_exe(args[0], self.spec.env, self.spec.root_dirs() if self.spec.custom_root else None)
-        plan = self.plan()
+        plan, cg = self._with_cgroup(self.plan())
         fds: list[int] = []
         to_close: list[int] = []
         parent_ends: list[IO[bytes] | None] = []
@@ -585,7 +609,7 @@ class Sandbox:
             has_init = "pid" in plan.namespaces
 
             def make(p: Plan) -> Native:
-                return self._native(p, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
+                return self._native(p, cg, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
                                     keep_fds=tuple(pass_fds), setsid_payload=True)
 
             natives: list[Native] = []
@@ -598,7 +622,7 @@ class Sandbox:
             has_init = "pid" in plan.namespaces
             try:
                 handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init,
-                                natives[-1].layout)
+                                natives[-1].layout, cg)
             except BaseException:
                 _ffi.abandon(started)
                 raise
@@ -606,6 +630,7 @@ class Sandbox:
             for f in parent_ends:
                 if f is not None:
                     f.close()
+            _release_cgroup(cg)
             raise
         finally:
             for fd in to_close:
@@ -624,7 +649,7 @@ class Sandbox:
         stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
-                      h.plan.namespaces, h.duration, h.changes)
+                      h.plan.namespaces, h.duration, h.changes, h.stats)
 
     # ------------------------------------------------------------- callables
 
@@ -649,6 +674,20 @@ class CallOutcome:
     value: Any
     plan: Plan
     changes: rootfs.Changes | None = None
+    stats: cgroups.Stats | None = None
+
+
+def _release_cgroup(cg: cgroups.SandboxCgroup | None) -> cgroups.Stats | None:
+    """Read the sandbox's usage, kill what is left in its cgroups, remove them."""
+    if cg is None:
+        return None
+    if cg.released is None:
+        try:
+            cg.released = cg.stats()
+            cg.kill_all()
+        finally:
+            cg.remove()
+    return cg.released
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -689,9 +728,17 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
     and its filesystem changes back."""
     def attempt(p: Plan) -> CallOutcome:
+        p, cg = sandbox._with_cgroup(p)
+        try:
+            out = run_once(p, cg)
+        finally:
+            stats = _release_cgroup(cg)
+        return dataclasses.replace(out, stats=stats)
+
+    def run_once(p: Plan, cg: cgroups.SandboxCgroup | None) -> CallOutcome:
         r, w = os.pipe2(os.O_CLOEXEC)
         ppid = os.getpid()
-        native = sandbox._native(p, expect_ppid=ppid, close_fds=False)
+        native = sandbox._native(p, cg, expect_ppid=ppid, close_fds=False)
         native.build()  # allocate in the parent, before the fork
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
@@ -730,7 +777,7 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
             _, status = os.waitpid(pid, 0)
         data = b"".join(chunks)
         if not data:
-            raise _crash(status)
+            raise _crash(status, _release_cgroup(cg))
         stream = io.BytesIO(data)
         kind, value = pickle.load(stream)
         if kind == "setup":
@@ -753,9 +800,11 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
         return attempt(new)
 
 
-def _crash(status: int) -> SandboxCrashed:
+def _crash(status: int, stats: cgroups.Stats | None = None) -> SandboxCrashed:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        if stats is not None and stats.oom_killed:
+            return SandboxCrashed(f"the sandboxed call was {stats.describe_oom()}", -sig, sig)
         name = _signal.Signals(sig).name if sig in _signal.Signals._value2member_map_ else str(sig)
         return SandboxCrashed(f"the sandboxed call was killed by signal {sig} ({name})", -sig, sig)
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255

@@ -191,6 +191,9 @@ class Spec:
         top first, as the root: built once into a cache shared by runs and xdist workers.
     upper_size
         size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
+    memory, pids, cpu_quota, cpus
+        cgroup limits: memory in bytes or "64M" (no swap on top), a number of processes,
+        CPUs' worth of time (0.5), a CPU list ("0-1").  ``Result.stats`` gives the usage.
     keep_upper
         a directory: after each run, what the sandbox wrote is saved under
         ``<keep_upper>/<pid>/`` (see ``Changes.save``) to inspect after a failure.
@@ -237,6 +240,10 @@ class Spec:
     dev: str = "minimal"
     hide: tuple[str, ...] = ("/run",)
     keep_upper: str | None = None
+    memory: int | str | None = None
+    pids: int | None = None
+    cpu_quota: float | None = None
+    cpus: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -301,6 +308,25 @@ class Spec:
                 Tmpfs("/", size=self.upper_size)  # the same rules as a tmpfs size
             except SpecError as e:
                 raise SpecError("upper_size", self.upper_size, e.problem) from None
+        if self.memory is not None:
+            from pytest_incarnate.cgroups import parse_size
+
+            set_("memory", parse_size("memory", self.memory))
+        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int) or self.pids < 1):
+            raise SpecError("pids", self.pids, "must be a positive number of processes")
+        if self.cpu_quota is not None:
+            if isinstance(self.cpu_quota, bool) or not isinstance(self.cpu_quota, (int, float)) or not 0.01 <= self.cpu_quota <= 4096:
+                raise SpecError("cpu_quota", self.cpu_quota, "must be a number of CPUs' worth of time, e.g. 0.5")
+            set_("cpu_quota", float(self.cpu_quota))
+        if self.cpus is not None:
+            c = self.cpus
+            if isinstance(c, (list, tuple)):
+                c = ",".join(str(x) for x in c)
+            if isinstance(c, int) and not isinstance(c, bool):
+                c = str(c)
+            if not isinstance(c, str) or not c or any(ch not in "0123456789,-" for ch in c):
+                raise SpecError("cpus", self.cpus, 'must be a CPU list like "0", "0-1" or [0, 2]')
+            set_("cpus", c)
         if self.keep_upper is not None:
             set_("keep_upper", _path("keep_upper", self.keep_upper))
         if self.dev not in ("minimal", "host"):
@@ -319,6 +345,11 @@ class Spec:
             if k not in known:
                 raise SpecError(k, kwargs[k], f"unknown {source} keyword; known: {', '.join(sorted(known))}")
         return cls(**kwargs)
+
+    def limits(self) -> Any:
+        from pytest_incarnate.cgroups import Limits
+
+        return Limits(self.memory, self.pids, self.cpu_quota, self.cpus)  # type: ignore[arg-type]
 
     @property
     def custom_root(self) -> bool:

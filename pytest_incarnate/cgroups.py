@@ -1,0 +1,451 @@
+"""Cgroups: one cgroup per sandbox, with limits, accounting, and removal afterwards.
+
+Two backends behind one interface:
+
+- v1 (this machine's controllers): a directory per controller hierarchy (memory, pids, cpu,
+  cpuacct, cpuset, freezer) under this process's own cgroup in each; the parent writes the
+  child's pid into every ``cgroup.procs`` before the child runs anything.
+- v2 (the unified hierarchy): one directory; the child is born in it with
+  CLONE_INTO_CGROUP; limits need the controllers delegated to it.
+
+Layout: ``<own cgroup>/incarnate-<run id>/sb-<n>``.  Each run holds a lock (a file lock
+under the runtime directory) for its lifetime; a run directory whose lock can be taken
+belongs to a dead run and is swept (``pytest-incarnate sweep``, and at the next start).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno as _errno
+import fcntl
+import itertools
+import os
+import secrets
+import signal as _signal
+import threading
+from dataclasses import dataclass, field
+
+from pytest_incarnate.errors import CgroupNotWritable, CgroupSkipped, Degradation, SpecError
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer")
+RUN_PREFIX = "incarnate-"
+
+
+def parse_size(field_name: str, value: int | str) -> int:
+    """Bytes from an int or a string like "64M", "1.5G", "512k"."""
+    if isinstance(value, bool):
+        raise SpecError(field_name, value, "must be a size in bytes or a string like '64M'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise SpecError(field_name, value, "must be positive")
+        return value
+    if isinstance(value, str):
+        s = value.strip().upper().removesuffix("IB").removesuffix("B")
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+        num = s[:-1] if s[-1:] in "KMGT" else s
+        try:
+            n = int(float(num) * mult)
+        except ValueError:
+            n = 0
+        if n > 0:
+            return n
+    raise SpecError(field_name, value, "must be a size in bytes or a string like '64M'")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox (None: no limit)."""
+
+    memory: int | None = None      # bytes; swap is not allowed on top
+    pids: int | None = None
+    cpu_quota: float | None = None  # CPUs' worth of time, e.g. 0.5
+    cpus: str | None = None         # cpuset list, e.g. "0" or "0-1"
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.memory, self.pids, self.cpu_quota, self.cpus))
+
+    def controllers(self) -> list[str]:
+        out = []
+        if self.memory is not None:
+            out.append("memory")
+        if self.pids is not None:
+            out.append("pids")
+        if self.cpu_quota is not None:
+            out.append("cpu")
+        if self.cpus is not None:
+            out.append("cpuset")
+        return out
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a sandbox used, read after it ended."""
+
+    memory_peak: int | None = None   # bytes
+    memory_limit: int | None = None
+    oom_kills: int = 0
+    cpu_user: float | None = None    # seconds
+    cpu_system: float | None = None
+    pids_limit_hits: int = 0         # forks refused by the pids limit
+    pids_limit: int | None = None
+
+    @property
+    def oom_killed(self) -> bool:
+        return self.oom_kills > 0
+
+    def describe_oom(self) -> str:
+        limit = f"{self.memory_limit / 1048576:.0f} MiB" if self.memory_limit else "?"
+        peak = f"{self.memory_peak / 1048576:.1f} MiB" if self.memory_peak is not None else "?"
+        return f"OOM-killed: limit {limit}, peak {peak}"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+@dataclass
+class Hierarchy:
+    """Where this process's cgroups are: v1 controller roots, and/or the v2 root."""
+
+    v1: dict[str, str] = field(default_factory=dict)  # controller -> this process's cgroup dir
+    v2: str | None = None
+
+    @classmethod
+    def detect(cls) -> Hierarchy:
+        mounts_v1: dict[str, str] = {}
+        v2_mount = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fstype, _, opts = right.split()[:3]
+                mp = left.split()[4]
+                if fstype == "cgroup2":
+                    v2_mount = mp
+                elif fstype == "cgroup":
+                    for c in opts.split(","):
+                        if c in V1_CONTROLLERS and c not in mounts_v1:
+                            mounts_v1[c] = mp
+        own: dict[str, str] = {}
+        own_v2 = None
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                if ctrls == "":
+                    own_v2 = path
+                for c in ctrls.split(","):
+                    if c in mounts_v1:
+                        own[c] = os.path.join(mounts_v1[c], path.lstrip("/"))
+        v2 = os.path.join(v2_mount, (own_v2 or "/").lstrip("/")) if v2_mount else None
+        return cls(own, v2)
+
+    def kind(self) -> str:
+        if self.v1 and self.v2:
+            return "hybrid"
+        return "v1" if self.v1 else "v2" if self.v2 else "none"
+
+
+def _run_lock_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") if os.geteuid() != 0 else "/run"
+    return os.path.join(base or "/tmp", "pytest-incarnate")
+
+
+class Run:
+    """This process's run: a lock held for its lifetime, and the run directories."""
+
+    _lock = threading.Lock()
+    _current: Run | None = None
+
+    def __init__(self) -> None:
+        self.id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        lock_dir = _run_lock_dir()
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        self.lock_path = os.path.join(lock_dir, f"run-{self.id}.lock")
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.pid = os.getpid()
+        self._seq = itertools.count()
+
+    @classmethod
+    def current(cls) -> Run:
+        with cls._lock:
+            if cls._current is None or cls._current.pid != os.getpid():
+                first = cls._current is None
+                cls._current = Run()
+                if first:
+                    try:
+                        sweep()  # what killed runs left behind
+                    except OSError:
+                        pass
+                atexit.register(cls._current.close)
+            return cls._current
+
+    def close(self) -> None:
+        """At exit: remove this run's (empty) directories, then its lock."""
+        if self.pid != os.getpid():
+            return
+        h = Hierarchy.detect()
+        for base in list(h.v1.values()) + ([h.v2] if h.v2 else []):
+            try:
+                os.rmdir(os.path.join(base, RUN_PREFIX + self.id))
+            except OSError:
+                pass
+        try:
+            os.unlink(self.lock_path)
+        except OSError:
+            pass
+        os.close(self._fd)
+
+    def next_name(self) -> str:
+        return f"sb-{next(self._seq)}"
+
+
+class SandboxCgroup:
+    """The cgroup(s) of one sandbox."""
+
+    def __init__(self, dirs: dict[str, str], v2: str | None, limits: Limits) -> None:
+        self.dirs = dirs      # v1: controller -> directory
+        self.v2 = v2          # v2 directory
+        self.limits = limits
+        self.procs: list[tuple[int, str]] = []
+        self.v2_procs: tuple[int, str] = (-1, "")
+        self.dirfd = -1
+        self.released: Stats | None = None  # the stats read when it was released
+
+    def open_for_spawn(self) -> None:
+        """Open what the core needs: cgroup.procs files (v1), the v2 directory."""
+        for d in dict.fromkeys(self.dirs.values()):
+            p = os.path.join(d, "cgroup.procs")
+            self.procs.append((os.open(p, os.O_WRONLY | os.O_CLOEXEC), p))
+        if self.v2 is not None:
+            self.dirfd = os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            p = os.path.join(self.v2, "cgroup.procs")
+            self.v2_procs = (os.open(p, os.O_WRONLY | os.O_CLOEXEC), p)
+
+    def close_fds(self) -> None:
+        for fd, _ in self.procs + [self.v2_procs]:
+            if fd >= 0:
+                os.close(fd)
+        self.procs = []
+        self.v2_procs = (-1, "")
+        if self.dirfd >= 0:
+            os.close(self.dirfd)
+            self.dirfd = -1
+
+    def stats(self) -> Stats:
+        mem = self.dirs.get("memory")
+        peak = limit = None
+        oom = 0
+        if mem:
+            peak = int(_read(f"{mem}/memory.max_usage_in_bytes") or 0) or None
+            lim = int(_read(f"{mem}/memory.limit_in_bytes") or 0)
+            limit = lim if self.limits.memory is not None else None
+            for line in (_read(f"{mem}/memory.oom_control") or "").splitlines():
+                if line.startswith("oom_kill "):
+                    oom = int(line.split()[1])
+        acct = self.dirs.get("cpuacct")
+        user = system = None
+        if acct:
+            u, s = _read(f"{acct}/cpuacct.usage_user"), _read(f"{acct}/cpuacct.usage_sys")
+            user = int(u) / 1e9 if u else None
+            system = int(s) / 1e9 if s else None
+        pids = self.dirs.get("pids")
+        hits = 0
+        if pids:
+            for line in (_read(f"{pids}/pids.events") or "").splitlines():
+                if line.startswith("max "):
+                    hits = int(line.split()[1])
+        if self.v2 is not None:
+            for line in (_read(f"{self.v2}/memory.events") or "").splitlines():
+                if line.startswith("oom_kill "):
+                    oom = max(oom, int(line.split()[1]))
+        return Stats(peak, limit, oom, user, system, hits, self.limits.pids)
+
+    def kill_all(self) -> int:
+        """Kill every process left in the sandbox's cgroups; how many there were."""
+        pids: set[int] = set()
+        for d in list(self.dirs.values()) + ([self.v2] if self.v2 else []):
+            for line in (_read(f"{d}/cgroup.procs") or "").split():
+                pids.add(int(line))
+        if self.v2 is not None and os.path.exists(f"{self.v2}/cgroup.kill"):
+            try:
+                _write(f"{self.v2}/cgroup.kill", "1")
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
+
+    def remove(self) -> None:
+        self.close_fds()
+        for d in list(dict.fromkeys(self.dirs.values())) + ([self.v2] if self.v2 else []):
+            _rmdir(d)
+
+
+def _rmdir(d: str) -> None:
+    for _ in range(100):
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != _errno.EBUSY:
+                raise
+            # The last task is being released (its exit is not complete yet).
+            os.sched_yield()
+
+
+def _can_write(d: str) -> str | None:
+    """None if a child cgroup can be made in ``d``; else why not."""
+    if not os.path.isdir(d):
+        return f"{d} does not exist"
+    if not os.access(d, os.W_OK):
+        return f"no write permission (delegate {d} to this user, or run as root)"
+    try:
+        st = os.statvfs(d)
+        if st.f_flag & os.ST_RDONLY:
+            return f"{d} is on a read-only mount"
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Degradation]]:
+    """Create a sandbox's cgroups with its limits.  Not strict: what cannot be had is a
+    CgroupSkipped degradation and the sandbox runs without it; strict: CgroupNotWritable."""
+    h = Hierarchy.detect()
+    degr: list[Degradation] = []
+    run = Run.current()
+    name = run.next_name()
+    dirs: dict[str, str] = {}
+    made: list[str] = []
+    wanted = set(limits.controllers()) | ({"memory", "cpuacct", "pids"} & set(h.v1))
+    try:
+        for ctrl in sorted(wanted):
+            base = h.v1.get(ctrl)
+            if base is None:
+                if ctrl in limits.controllers():
+                    why = f"no {ctrl} controller is mounted (cgroup {h.kind()})"
+                    if strict:
+                        raise CgroupNotWritable(ctrl, why)
+                    degr.append(CgroupSkipped(ctrl, why))
+                continue
+            why = _can_write(base)
+            if why is not None:
+                if strict and ctrl in limits.controllers():
+                    raise CgroupNotWritable(base, why)
+                if ctrl in limits.controllers():
+                    degr.append(CgroupSkipped(base, why))
+                continue
+            run_dir = os.path.join(base, RUN_PREFIX + run.id)
+            os.makedirs(run_dir, exist_ok=True)
+            d = os.path.join(run_dir, name)
+            os.mkdir(d)
+            made.append(d)
+            dirs[ctrl] = d
+        v2 = None
+        if h.v2 is not None and _can_write(h.v2) is None:
+            # Grouping on the unified hierarchy: born there (CLONE_INTO_CGROUP), and
+            # cgroup.kill ends every process at once.  Its controllers, if delegated,
+            # are not used yet: the limits go to v1.
+            run_dir = os.path.join(h.v2, RUN_PREFIX + run.id)
+            os.makedirs(run_dir, exist_ok=True)
+            v2 = os.path.join(run_dir, name)
+            os.mkdir(v2)
+            made.append(v2)
+        cg = SandboxCgroup(dirs, v2, limits)
+        _apply_v1(cg, limits)
+        cg.open_for_spawn()
+        return cg, degr
+    except BaseException:
+        for d in made:
+            try:
+                _rmdir(d)
+            except OSError:
+                pass
+        raise
+
+
+def _apply_v1(cg: SandboxCgroup, limits: Limits) -> None:
+    d = cg.dirs
+    if limits.memory is not None and "memory" in d:
+        _write(f"{d['memory']}/memory.limit_in_bytes", str(limits.memory))
+        if os.path.exists(f"{d['memory']}/memory.memsw.limit_in_bytes"):
+            _write(f"{d['memory']}/memory.memsw.limit_in_bytes", str(limits.memory))  # swap off
+        _write(f"{d['memory']}/memory.swappiness", "0") if os.path.exists(f"{d['memory']}/memory.swappiness") else None
+    if limits.pids is not None and "pids" in d:
+        _write(f"{d['pids']}/pids.max", str(limits.pids))
+    if limits.cpu_quota is not None and "cpu" in d:
+        period = 100_000
+        _write(f"{d['cpu']}/cpu.cfs_period_us", str(period))
+        _write(f"{d['cpu']}/cpu.cfs_quota_us", str(max(1000, int(limits.cpu_quota * period))))
+    if "cpuset" in d:
+        parent = os.path.dirname(d["cpuset"])
+        grand = os.path.dirname(parent)
+        for f in ("cpuset.mems", "cpuset.cpus"):
+            # A new v1 cpuset starts empty: copy the parent's (and make the run dir usable).
+            for target, source in ((parent, grand), (d["cpuset"], parent)):
+                if not _read(f"{target}/{f}"):
+                    _write(f"{target}/{f}", _read(f"{source}/{f}") or "")
+        if limits.cpus is not None:
+            _write(f"{d['cpuset']}/cpuset.cpus", limits.cpus)
+
+
+def sweep(verbose: bool = False) -> list[str]:
+    """Remove the run directories of runs that are gone (their lock can be taken)."""
+    h = Hierarchy.detect()
+    removed: list[str] = []
+    lock_dir = _run_lock_dir()
+    for base in list(h.v1.values()) + ([h.v2] if h.v2 else []):
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for e in entries:
+            if not e.startswith(RUN_PREFIX):
+                continue
+            run_id = e[len(RUN_PREFIX):]
+            if Run._current is not None and run_id == Run._current.id:
+                continue
+            lock = os.path.join(lock_dir, f"run-{run_id}.lock")
+            if os.path.exists(lock):
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue  # its run is alive
+                os.close(fd)
+            run_dir = os.path.join(base, e)
+            for sb in os.listdir(run_dir):
+                p = os.path.join(run_dir, sb)
+                if os.path.isdir(p):
+                    cg = SandboxCgroup({"x": p}, None, Limits())
+                    cg.kill_all()
+                    _rmdir(p)
+            _rmdir(run_dir)
+            removed.append(run_dir)
+    for f in os.listdir(lock_dir) if os.path.isdir(lock_dir) else ():
+        p = os.path.join(lock_dir, f)
+        if f.startswith("run-") and (Run._current is None or f != f"run-{Run._current.id}.lock"):
+            fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(p)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+    return removed
