@@ -311,14 +311,13 @@ def _can_write(d: str) -> str | None:
     """None if a child cgroup can be made in ``d``; else why not."""
     if not os.path.isdir(d):
         return f"{d} does not exist"
-    if not os.access(d, os.W_OK):
-        return f"no write permission (delegate {d} to this user, or run as root)"
     try:
-        st = os.statvfs(d)
-        if st.f_flag & os.ST_RDONLY:
-            return f"{d} is on a read-only mount"
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            return "the cgroup filesystem is mounted read-only here (a container?): mount it read-write or delegate a cgroup"
     except OSError as e:
         return str(e)
+    if not os.access(d, os.W_OK):
+        return f"no write permission (delegate {d} to this user, or run as root)"
     return None
 
 

@@ -69,15 +69,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     binds = [Bind(*b.split(":", 1)) for b in args.bind] + [Bind(*b.split(":", 1), readonly=True) for b in args.ro_bind]
     try:
         spec = Spec(namespaces=frozenset(ns), hostname=args.hostname, binds=tuple(binds),
-                    strict=args.strict, cwd=args.chdir)
+                    strict=args.strict, cwd=args.chdir, memory=args.memory, pids=args.pids)
         handle = Sandbox(spec).spawn(argv)
         for d in handle.degradations:
             print(f"pytest-incarnate: degraded: {d.describe()}", file=sys.stderr)
         code = handle.wait()
+        if handle.stats is not None and handle.stats.oom_killed:
+            print(f"pytest-incarnate run: {handle.stats.describe_oom()}", file=sys.stderr)
     except IncarnateError as e:
         print(f"pytest-incarnate run: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_SETUP
     return 128 + handle.signal if handle.signal else code
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pytest_incarnate.cgroups import sweep
+
+    removed = sweep()
+    for d in removed:
+        print(f"removed {d}")
+    print(f"{len(removed)} cgroup run director{'y' if len(removed) == 1 else 'ies'} of dead runs removed")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ro-bind", action="append", default=[], metavar="SRC[:DST]", help="read-only bind")
     r.add_argument("--chdir", default=None)
     r.add_argument("--strict", action="store_true", help="fail instead of degrading")
+    r.add_argument("--memory", default=None, help="memory limit, e.g. 64M")
+    r.add_argument("--pids", type=int, default=None, help="process limit")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
+    sw = sub.add_parser("sweep", help="remove the cgroups that killed runs left behind")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -168,6 +168,28 @@ def _why(err: int) -> str:
     return f"{_errno.errorcode.get(err, err)} ({os.strerror(err)})" if err else "refused"
 
 
+def _cgroup_items() -> list[Capability]:
+    """Which limits can be had: a writable v1 controller (v2 controllers are not used yet)."""
+    from pytest_incarnate import cgroups
+
+    h = cgroups.Hierarchy.detect()
+    out = []
+    for name, ctrl in (("cgroup.memory", "memory"), ("cgroup.pids", "pids"), ("cgroup.cpu", "cpu"), ("cgroup.cpuset", "cpuset")):
+        d = h.v1.get(ctrl)
+        if d is None:
+            why = f"no cgroup v1 {ctrl} controller is mounted (hierarchy: {h.kind()}; v2 controllers are not used yet)"
+            out.append(Capability(name, False, why, f"mount the v1 {ctrl} controller"))
+            continue
+        why = cgroups._can_write(d)
+        out.append(Capability(name, why is None, why or "", via="v1"))
+    if h.v2 is None:
+        out.append(Capability("cgroup.v2", False, "no cgroup2 hierarchy is mounted", "mount -t cgroup2 none /sys/fs/cgroup/unified"))
+    else:
+        why = cgroups._can_write(h.v2)
+        out.append(Capability("cgroup.v2", why is None, why or "", via="grouping, CLONE_INTO_CGROUP, cgroup.kill"))
+    return out
+
+
 def _explain_userns(err: int, sysctls: Mapping[str, str]) -> tuple[str, str]:
     if sysctls.get("kernel.unprivileged_userns_clone") == "0" and os.geteuid() != 0:
         return "kernel.unprivileged_userns_clone is 0", "sysctl -w kernel.unprivileged_userns_clone=1"
@@ -319,6 +341,8 @@ def _probe() -> Capabilities:
     else:
         items.append(Capability("overlay.root", False, "not root: in a user namespace inherited mounts are locked and "
                                 "overlayfs refuses the host root as a lower layer", "run as root"))
+
+    items += _cgroup_items()
 
     st = _ffi.spawn(Native(ns=(), ops=[], use_init=False))
     os.waitpid(st.pid, 0)

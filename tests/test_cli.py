@@ -57,3 +57,11 @@ def test_run_setup_failure_exits_125(args: tuple[str, ...]) -> None:
     r = cli(*args)
     assert r.returncode == 125
     assert "pytest-incarnate run:" in r.stderr and "ENOENT" in r.stderr
+
+
+def test_sweep_and_run_with_limits() -> None:
+    r = cli("sweep")
+    assert r.returncode == 0 and "of dead runs removed" in r.stdout
+    oom = cli("run", "--memory", "64M", "--", sys.executable, "-c", "x = bytearray(200 * 1024 * 1024)")
+    assert oom.returncode == 128 + 9
+    assert "OOM-killed: limit 64 MiB" in oom.stderr

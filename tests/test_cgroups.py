@@ -1,0 +1,178 @@
+"""Resource limits on real cgroups: this machine has v1 controllers and a v2 hierarchy with none,
+so limits are tested on v1, and grouping, CLONE_INTO_CGROUP and cgroup.kill on v2. What this
+machine cannot exercise: v2 controllers (memory.max, pids.max, cpu.max) and their delegation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pytest_incarnate import PIPE, Sandbox, Spec
+from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, Run, sweep
+from pytest_incarnate.errors import CgroupNotWritable, SandboxCrashed, SpecError
+
+H = Hierarchy.detect()
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or "memory" not in H.v1 or "pids" not in H.v1, reason="needs root and v1 memory and pids controllers"
+)
+PY = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _run_lock_first():
+    Run.current()  # the run's lock is held for the process's lifetime: open it before counting fds
+
+
+def run_dirs() -> list[str]:
+    out = []
+    for base in list(H.v1.values()) + ([H.v2] if H.v2 else []):
+        out += [os.path.join(base, e) for e in os.listdir(base) if e.startswith(RUN_PREFIX)]
+    return out
+
+
+def sandbox_dirs() -> list[str]:
+    return [os.path.join(d, s) for d in run_dirs() for s in os.listdir(d) if s.startswith("sb-")]
+
+
+def test_memory_limit_reports_oom_kill(leak_check):
+    r = Sandbox(Spec(memory="64M")).run([PY, "-c", "x = bytearray(200 * 1024 * 1024)"], timeout=30)
+    assert r.signal == signal.SIGKILL and r.oom_killed
+    assert r.stats.memory_limit == 64 * 1024 * 1024
+    assert r.stats.describe_oom().startswith("OOM-killed: limit 64 MiB, peak ")
+    with pytest.raises(SandboxCrashed, match="OOM-killed: limit 64 MiB"):
+        Sandbox(Spec(memory=64 * 1024 * 1024)).call(lambda: bytearray(200 * 1024 * 1024))
+    assert sandbox_dirs() == []  # each sandbox's cgroups are removed when it ends
+
+
+def test_fork_bomb_is_contained_by_pids(leak_check):
+    bomb = textwrap.dedent(
+        """
+        import os, time
+        n = 0
+        while True:
+            try:
+                pid = os.fork()
+            except OSError as e:
+                print("refused after", n, e.strerror, flush=True)
+                break
+            if pid == 0:
+                time.sleep(1000)  # hold the slot; the kernel kills it when the init ends
+                os._exit(0)
+            n += 1
+        """
+    )
+    r = Sandbox(Spec(pids=64)).run([PY, "-c", bomb], timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"refused after ") and int(r.stdout.split()[2]) < 64
+    assert r.stats is not None and r.stats.pids_limit_hits > 0
+    assert r.stats.pids_limit == 64
+    assert leak_check().descendants == 0  # the host's process count is back to its baseline
+    assert sandbox_dirs() == []
+
+
+def test_cpu_quota_and_cpuset_are_applied(leak_check):
+    code = "print(open('/proc/self/status').read().split('Cpus_allowed_list:')[1].split()[0])"
+    h = Sandbox(Spec(cpu_quota=0.5, cpus="0")).spawn(["sh", "-c", f"read x; {PY} -c \"{code}\""], stdin=PIPE, stdout=PIPE)
+    try:
+        cpu_dirs = [d for d in sandbox_dirs() if d.startswith(H.v1["cpu"])]
+        assert len(cpu_dirs) == 1
+        with open(os.path.join(cpu_dirs[0], "cpu.cfs_quota_us")) as f:
+            assert int(f.read()) == 50_000
+    finally:
+        out, _ = h.communicate(b"go\n", timeout=30)
+    assert out.strip() == b"0"
+    assert h.stats is not None and h.stats.cpu_user is not None
+
+
+@pytest.mark.skipif(H.v2 is None, reason="no cgroup v2 hierarchy")
+def test_v2_grouping_with_clone_into_cgroup(leak_check):
+    h = Sandbox(Spec(pids=32)).spawn(["sh", "-c", "sleep 1000 & sleep 1000 & read x"], stdin=PIPE)
+    try:
+        with open(f"/proc/{h.pid}/cgroup") as f:
+            v2_line = [line for line in f if line.startswith("0::")][0]
+        assert f"/{RUN_PREFIX}" in v2_line and "/sb-" in v2_line  # born there (CLONE_INTO_CGROUP)
+        v2_dir = [d for d in sandbox_dirs() if d.startswith(H.v2)][0]
+        with open(os.path.join(v2_dir, "cgroup.procs")) as f:
+            assert len(f.read().split()) >= 3  # the init, sh and the sleeps
+    finally:
+        h.kill()
+        h.wait(timeout=30)
+    assert sandbox_dirs() == []
+
+
+def test_bad_limits_name_the_field():
+    for kwargs, field in (({"memory": "lots"}, "memory"), ({"pids": 0}, "pids"), ({"cpu_quota": "half"}, "cpu_quota"),
+                          ({"cpus": "a-b"}, "cpus"), ({"memory": -1}, "memory")):
+        with pytest.raises(SpecError) as exc:
+            Spec(**kwargs)
+        assert exc.value.field == field
+
+
+def test_read_only_cgroupfs_strict_and_not(tmp_path):
+    """cgroupfs made read-only for real, in a private mount namespace."""
+    script = tmp_path / "ro.py"
+    script.write_text(textwrap.dedent(
+        """
+        import json
+        from pytest_incarnate import Sandbox, Spec
+        from pytest_incarnate.errors import CgroupNotWritable
+        out = {}
+        try:
+            Sandbox(Spec(memory="64M", strict=True)).run(["/bin/true"])
+        except CgroupNotWritable as e:
+            out["strict"] = str(e)
+        r = Sandbox(Spec(memory="64M")).run(["/bin/true"])
+        out["rc"] = r.returncode
+        out["degr"] = [[type(d).__name__, d.describe()] for d in r.degradations]
+        print(json.dumps(out))
+        """
+    ))
+    mounts = " && ".join(f"mount -o remount,bind,ro {m}" for m in _mountpoints())
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {PY} {script}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert "is not writable" in got["strict"] and "mounted read-only" in got["strict"]
+    assert got["rc"] == 0
+    assert [d[0] for d in got["degr"]] == ["CgroupSkipped"]
+    assert "read-only" in got["degr"][0][1]
+
+
+def _mountpoints() -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] in ("cgroup", "cgroup2"):
+                out.append(left.split()[4])
+    return out
+
+
+def test_a_killed_run_is_swept(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, signal
+        from pytest_incarnate import Sandbox, Spec, PIPE
+        from pytest_incarnate.cgroups import Run
+        h = Sandbox(Spec(memory="64M", pids=32)).spawn(["sh", "-c", "echo up; exec sleep 1000"], stdout=PIPE)
+        assert h.stdout.readline() == b"up\\n"
+        print(Run.current().id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # pytest SIGKILLed in the middle of a sandboxed test
+        """
+    ))
+    proc = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run_id = proc.stdout.strip()
+    left = [d for d in run_dirs() if d.endswith(run_id)]
+    assert left  # the killed run left its cgroups behind...
+    removed = sweep()
+    assert sorted(set(left) & set(removed)) == sorted(left)  # ...and the sweep removed them
+    assert not [d for d in run_dirs() if d.endswith(run_id)]
+    assert Run.current().id != run_id
