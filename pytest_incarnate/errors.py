@@ -26,6 +26,7 @@ __all__ = [
     "PipeFailed",
     "SetupStepFailed",
     "SandboxCrashed",
+    "SandboxTimeout",
     "Degradation",
     "NamespaceSkipped",
     "CgroupSkipped",
@@ -199,6 +200,18 @@ class SandboxCrashed(IncarnateError):
 
     def __reduce__(self) -> Any:
         return (type(self), (self.cause, self.returncode, self.signal))
+
+
+class SandboxTimeout(SandboxCrashed):
+    """A sandboxed call ran past its timeout; the whole sandbox was killed."""
+
+    def __init__(self, timeout: float, killed: int) -> None:
+        self.timeout = timeout
+        self.killed = killed
+        super().__init__(f"timed out after {timeout:.1f} s; {killed} process{'es' if killed != 1 else ''} killed", None, 9)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.timeout, self.killed))
 
 
 # ----------------------------------------------------------------------- degradations

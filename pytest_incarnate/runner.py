@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_incarnate.errors import NamespaceSkipped, SandboxCrashed
+from pytest_incarnate.errors import NamespaceSkipped, SandboxCrashed, SandboxTimeout
 from pytest_incarnate.sandbox import Sandbox, forked_enter
 from pytest_incarnate.spec import Bind, Spec
 
@@ -98,7 +98,9 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
     if crash is not None:
         del item.stash[CRASH]
         report.outcome = "failed"
-        if "OOM-killed" in crash.cause:
+        if isinstance(crash, SandboxTimeout):
+            msg = f"sandboxed test {crash.cause}"
+        elif "OOM-killed" in crash.cause:
             msg = "sandboxed test " + crash.cause[crash.cause.index("OOM-killed"):]
         elif crash.signal:
             name = _signal.Signals(crash.signal).name

@@ -33,6 +33,7 @@ from pytest_incarnate.errors import (
     OverlaySkipped,
     OverlayUnavailable,
     SandboxCrashed,
+    SandboxTimeout,
     SetupStepFailed,
     UidMapFailed,
     UserNsDisabledBySysctl,
@@ -646,6 +647,8 @@ class Sandbox:
             raise InvalidArgv(input, "input must be bytes")
         out = PIPE if capture_output else None
         h = self.spawn(argv, stdin=PIPE if input is not None else DEVNULL, stdout=out, stderr=out)
+        if timeout is None:
+            timeout = self.spec.timeout
         stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
@@ -724,7 +727,39 @@ def _upper_inside(layout: rootfs.Layout | None) -> list[rootfs.UpperEntry] | Non
             pass
 
 
-def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallOutcome:
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
+    """Timeout: kill the whole sandbox; how many of its processes there were."""
+    inside = _descendants(monitor)  # the init and everything below it
+    if cg is not None:
+        cg.kill_all()
+    os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+    for p in inside:
+        try:
+            os.kill(p, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return max(0, len(inside) - 1)  # not counting the init
+
+
+def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any], timeout: float | None = None) -> CallOutcome:
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
     and its filesystem changes back."""
     def attempt(p: Plan) -> CallOutcome:
@@ -763,8 +798,16 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
                 os._exit(code)
         os.close(w)
         chunks = []
+        limit = timeout if timeout is not None else sandbox.spec.timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        timed_out = -1
         try:
             while True:
+                if deadline is not None:
+                    ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        timed_out = _kill_tree(pid, cg)
+                        break
                 try:
                     b = os.read(r, 1 << 16)
                 except InterruptedError:
@@ -775,6 +818,9 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any]) -> CallO
         finally:
             os.close(r)
             _, status = os.waitpid(pid, 0)
+        if timed_out >= 0:
+            _release_cgroup(cg)
+            raise SandboxTimeout(limit or 0.0, timed_out)
         data = b"".join(chunks)
         if not data:
             raise _crash(status, _release_cgroup(cg))

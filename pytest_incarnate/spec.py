@@ -191,6 +191,9 @@ class Spec:
         top first, as the root: built once into a cache shared by runs and xdist workers.
     upper_size
         size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
+    timeout
+        wall-clock seconds for a run or a call (a sandboxed test): past it the whole sandbox
+        is killed, every process in it, and the result says it timed out.
     memory, pids, cpu_quota, cpus
         cgroup limits: memory in bytes or "64M" (no swap on top), a number of processes,
         CPUs' worth of time (0.5), a CPU list ("0-1").  ``Result.stats`` gives the usage.
@@ -244,6 +247,7 @@ class Spec:
     pids: int | None = None
     cpu_quota: float | None = None
     cpus: str | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -327,6 +331,10 @@ class Spec:
             if not isinstance(c, str) or not c or any(ch not in "0123456789,-" for ch in c):
                 raise SpecError("cpus", self.cpus, 'must be a CPU list like "0", "0-1" or [0, 2]')
             set_("cpus", c)
+        if self.timeout is not None:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
+                raise SpecError("timeout", self.timeout, "must be a positive number of seconds")
+            set_("timeout", float(self.timeout))
         if self.keep_upper is not None:
             set_("keep_upper", _path("keep_upper", self.keep_upper))
         if self.dev not in ("minimal", "host"):

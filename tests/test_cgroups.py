@@ -13,6 +13,8 @@ import textwrap
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 from pytest_incarnate import PIPE, Sandbox, Spec
 from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, Run, sweep
 from pytest_incarnate.errors import CgroupNotWritable, SandboxCrashed, SpecError
@@ -176,3 +178,37 @@ def test_a_killed_run_is_swept(tmp_path):
     assert sorted(set(left) & set(removed)) == sorted(left)  # ...and the sweep removed them
     assert not [d for d in run_dirs() if d.endswith(run_id)]
     assert Run.current().id != run_id
+
+
+def test_timeout_kills_every_process_of_the_sandbox(leak_check):
+    def payload() -> None:
+        os.system("for i in 1 2 3 4 5; do sleep 1000 & done; wait")
+
+    from pytest_incarnate.errors import SandboxTimeout
+
+    with pytest.raises(SandboxTimeout) as exc:
+        Sandbox(Spec(timeout=1, pids=64)).call(payload)
+    assert exc.value.killed == 7  # the call (pid 2), its shell and 5 background sleeps
+    assert str(exc.value) == "timed out after 1.0 s; 7 processes killed"
+    # The cgroup could be removed: nothing of the sandbox is left.
+    assert sandbox_dirs() == []
+
+
+def test_plugin_reports_oom_and_timeout(pytester):
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.incarnate(memory="64M")
+        def test_hog():
+            x = bytearray(200 * 1024 * 1024)
+
+        @pytest.mark.incarnate(timeout=1)
+        def test_slow():
+            os.system("sleep 1000 & sleep 1000 & wait")
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["sandboxed test OOM-killed: limit 64 MiB, peak *MiB"])
+    result.stdout.fnmatch_lines(["sandboxed test timed out after 1.0 s; 4 processes killed"])
