@@ -427,6 +427,14 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
     switch (op->kind) {
     case INC_OP_UNSHARE:
         return child_unshare(cx, op->ival, index);
+    case INC_OP_RLIMIT: {
+        struct rlimit rl = {(rlim_t)op->v1, (rlim_t)op->v2};
+        return setrlimit(op->ival, &rl);
+    }
+    case INC_OP_AFFINITY: {
+        uint64_t mask[2] = {op->v1, op->v2};
+        return (int)syscall(SYS_sched_setaffinity, 0, sizeof mask, mask);
+    }
     case INC_OP_HOLD:
         return child_hold(cx, op);
     case INC_OP_SYMLINK:

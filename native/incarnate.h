@@ -47,6 +47,8 @@ enum inc_op_kind {
     INC_OP_DEVPTS,         /* b = target: a new devpts instance */
     INC_OP_HOLD,           /* a = directory, ival = fd number: keep it open there (the init keeps
                               it too), so the caller can take it with pidfd_getfd */
+    INC_OP_RLIMIT,         /* ival = resource, v1 = soft, v2 = hard */
+    INC_OP_AFFINITY,       /* v1, v2 = CPU mask (CPUs 0-63, 64-127) */
     INC_OP__MAX
 };
 
@@ -65,6 +67,8 @@ struct inc_op {
     const char *a;
     const char *b;
     const char *c;
+    uint64_t v1;
+    uint64_t v2;
 };
 
 /* Steps named in errors.  Values are stable: Python maps them to names. */

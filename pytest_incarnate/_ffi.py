@@ -64,6 +64,8 @@ OP_KINDS = {
     "symlink": lib.INC_OP_SYMLINK,
     "mount-devpts": lib.INC_OP_DEVPTS,
     "hold": lib.INC_OP_HOLD,
+    "rlimit": lib.INC_OP_RLIMIT,
+    "cpu-affinity": lib.INC_OP_AFFINITY,
 }
 
 BIND_RO = lib.INC_BIND_RO
@@ -126,6 +128,8 @@ class Op:
     gid: int = 0
     path: str | None = None
     detail: str = ""
+    v1: int = 0
+    v2: int = 0
 
 
 @dataclass
@@ -197,6 +201,8 @@ class Native:
             c.a = self._cstr(op.a)
             c.b = self._cstr(op.b)
             c.c = self._cstr(op.c)
+            c.v1 = op.v1
+            c.v2 = op.v2
         spec.ops = ops
         spec.n_ops = len(self.ops)
         spec.exe = self._cstr(self.exe)

@@ -100,8 +100,8 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
         report.outcome = "failed"
         if isinstance(crash, SandboxTimeout):
             msg = f"sandboxed test {crash.cause}"
-        elif "OOM-killed" in crash.cause:
-            msg = "sandboxed test " + crash.cause[crash.cause.index("OOM-killed"):]
+        elif "was stopped: " in crash.cause:
+            msg = "sandboxed test " + crash.cause.split("was stopped: ", 1)[1]
         elif crash.signal:
             name = _signal.Signals(crash.signal).name
             msg = f"sandboxed test crashed: killed by signal {crash.signal} ({name})"

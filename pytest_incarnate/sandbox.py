@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import resource
 import io
 import os
 import pickle
@@ -29,6 +30,7 @@ from pytest_incarnate.errors import (
     InvalidArgv,
     NamespaceCapMissing,
     NamespaceSkipped,
+    CpuAffinitySkipped,
     NonExecutablePayload,
     OverlaySkipped,
     OverlayUnavailable,
@@ -41,7 +43,7 @@ from pytest_incarnate.errors import (
 )
 from pytest_incarnate import cgroups, rootfs
 from pytest_incarnate.probe import Capabilities, id_maps, probe
-from pytest_incarnate.spec import NAMESPACES, Spec
+from pytest_incarnate.spec import NAMESPACES, Spec, SpecError
 
 STAGE_BASE = "/tmp"
 PIPE = -1
@@ -64,6 +66,7 @@ class Plan:
     setgroups_deny: bool
     root: str = "readonly"
     overlay_first: bool = False  # overlay as real root, then enter the user namespace
+    cpus: frozenset[int] = frozenset()  # the CPU affinity to set (empty: leave it)
 
     @property
     def late_namespaces(self) -> tuple[str, ...]:
@@ -94,6 +97,7 @@ class Result:
     duration: float = 0.0
     changes: rootfs.Changes | None = None
     stats: cgroups.Stats | None = None
+    cause: str | None = None  # a limit that ended the payload ("OOM-killed: ...", "CPU time limit ...")
 
     @property
     def oom_killed(self) -> bool:
@@ -155,7 +159,17 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
                     reason += "; the caller's own trees (home, project) are copy-on-write, the rest read-only"
                 degr.append(OverlaySkipped(reason))
     overlay_first = root == "overlay" and caps["overlay.root"].granted
-    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first)
+    cpus: frozenset[int] = frozenset()
+    if spec.cpu_affinity is not None:
+        allowed = frozenset(os.sched_getaffinity(0))
+        cpus = spec.cpu_affinity & allowed
+        refused = sorted(spec.cpu_affinity - allowed)
+        if refused:
+            why = f"CPUs {refused} are not allowed for this process (allowed: {sorted(allowed)})"
+            if spec.strict:
+                raise SpecError("cpu_affinity", sorted(spec.cpu_affinity), why)
+            degr.append(CpuAffinitySkipped(why + ("; using " + str(sorted(cpus)) if cpus else "; affinity left as it is")))
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first, cpus)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -257,6 +271,12 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
         gid = spec.gid if spec.gid is not None else os.getgid()
         flags = 0 if plan.setgroups_deny else DROP_SETGROUPS
         ops.append(Op("drop-privileges", uid=uid, gid=gid, flags=flags, path=f"uid={uid} gid={gid}"))
+    for name, (soft, hard) in (spec.rlimits or {}).items():
+        res = getattr(resource, "RLIMIT_" + name.upper())
+        ops.append(Op("rlimit", ival=res, v1=soft, v2=hard, path=name, detail=f"soft {soft}, hard {hard}"))
+    if plan.cpus:
+        mask = sum(1 << c for c in plan.cpus)
+        ops.append(Op("cpu-affinity", v1=mask & (2**64 - 1), v2=mask >> 64, path=",".join(map(str, sorted(plan.cpus)))))
     if spec.no_new_privs:
         ops.append(Op("no_new_privs"))
     return ops, layout
@@ -317,10 +337,13 @@ class Handle:
     def __init__(self, argv: tuple[str, ...], started: _ffi.Started, plan: Plan,
                  stdin: IO[bytes] | None, stdout: IO[bytes] | None, stderr: IO[bytes] | None,
                  has_init: bool, layout: rootfs.Layout | None = None,
-                 cgroup: cgroups.SandboxCgroup | None = None) -> None:
+                 cgroup: cgroups.SandboxCgroup | None = None, plan_rlimits: Mapping[str, Any] | None = None) -> None:
         self.argv = argv
         self._cgroup = cgroup
         self.stats: cgroups.Stats | None = None
+        self.cause: str | None = None  # a limit that ended the payload, named
+        cpu = (plan_rlimits or {}).get("cpu")
+        self._cpu_limit = cpu[0] if cpu else None
         self._hold_fd = started.hold_fd
         self._layout = layout
         self.changes: rootfs.Changes | None = None
@@ -383,7 +406,7 @@ class Handle:
     def _reap(self, flags: int) -> None:
         while True:
             try:
-                pid, status = os.waitpid(self.pid, flags)
+                pid, status, usage = os.wait4(self.pid, flags)
             except InterruptedError:
                 continue
             except ChildProcessError:
@@ -413,6 +436,8 @@ class Handle:
             self.returncode = -self.signal
         else:
             self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+        # The init reaped the payload, so its usage counts the payload's CPU time.
+        self.cause = limit_cause(self.signal, self.stats, self._cpu_limit, usage.ru_utime + usage.ru_stime)
 
     def _close_fds(self) -> None:
         for name in ("_status_fd", "pidfd", "_hold_fd"):
@@ -623,7 +648,7 @@ class Sandbox:
             has_init = "pid" in plan.namespaces
             try:
                 handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init,
-                                natives[-1].layout, cg)
+                                natives[-1].layout, cg, self.spec.rlimits)
             except BaseException:
                 _ffi.abandon(started)
                 raise
@@ -652,7 +677,7 @@ class Sandbox:
         stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
-                      h.plan.namespaces, h.duration, h.changes, h.stats)
+                      h.plan.namespaces, h.duration, h.changes, h.stats, h.cause)
 
     # ------------------------------------------------------------- callables
 
@@ -817,13 +842,14 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any], timeout:
                 chunks.append(b)
         finally:
             os.close(r)
-            _, status = os.waitpid(pid, 0)
+            _, status, usage = os.wait4(pid, 0)
         if timed_out >= 0:
             _release_cgroup(cg)
             raise SandboxTimeout(limit or 0.0, timed_out)
         data = b"".join(chunks)
         if not data:
-            raise _crash(status, _release_cgroup(cg))
+            cpu = (sandbox.spec.rlimits or {}).get("cpu")
+            raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, usage.ru_utime + usage.ru_stime)
         stream = io.BytesIO(data)
         kind, value = pickle.load(stream)
         if kind == "setup":
@@ -846,11 +872,24 @@ def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any], timeout:
         return attempt(new)
 
 
-def _crash(status: int, stats: cgroups.Stats | None = None) -> SandboxCrashed:
+def limit_cause(sig: int | None, stats: cgroups.Stats | None, cpu_limit: int | None, cpu_used: float) -> str | None:
+    """Name the limit that ended a payload, if one did."""
+    if sig is None:
+        return None
+    if stats is not None and stats.oom_killed:
+        return stats.describe_oom()
+    if sig == _signal.SIGXCPU or (sig == _signal.SIGKILL and cpu_limit is not None and cpu_used >= cpu_limit):
+        return f"CPU time limit exceeded: RLIMIT_CPU {cpu_limit} s, used {cpu_used:.1f} s"
+    return None
+
+
+def _crash(status: int, stats: cgroups.Stats | None = None, cpu_limit: int | None = None,
+           cpu_used: float = 0.0) -> SandboxCrashed:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if stats is not None and stats.oom_killed:
-            return SandboxCrashed(f"the sandboxed call was {stats.describe_oom()}", -sig, sig)
+        cause = limit_cause(sig, stats, cpu_limit, cpu_used)
+        if cause is not None:
+            return SandboxCrashed(f"the sandboxed call was stopped: {cause}", -sig, sig)
         name = _signal.Signals(sig).name if sig in _signal.Signals._value2member_map_ else str(sig)
         return SandboxCrashed(f"the sandboxed call was killed by signal {sig} ({name})", -sig, sig)
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255

@@ -191,6 +191,12 @@ class Spec:
         top first, as the root: built once into a cache shared by runs and xdist workers.
     upper_size
         size limit of the tmpfs holding the upper layers ("64m"); writes past it get ENOSPC.
+    rlimits
+        resource limits of the payload: ``{"nofile": 256, "cpu": (5, 10)}`` (as, nofile,
+        nproc, core, cpu, fsize, stack; a limit or a (soft, hard) pair).
+    cpu_affinity
+        the CPUs the payload may run on ("0-1", [0, 2]); CPUs this process may not use are
+        left out with a CpuAffinitySkipped degradation (strict: SpecError).
     timeout
         wall-clock seconds for a run or a call (a sandboxed test): past it the whole sandbox
         is killed, every process in it, and the result says it timed out.
@@ -248,6 +254,8 @@ class Spec:
     cpu_quota: float | None = None
     cpus: str | None = None
     timeout: float | None = None
+    rlimits: Mapping[str, Any] | None = None
+    cpu_affinity: Any = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -331,6 +339,10 @@ class Spec:
             if not isinstance(c, str) or not c or any(ch not in "0123456789,-" for ch in c):
                 raise SpecError("cpus", self.cpus, 'must be a CPU list like "0", "0-1" or [0, 2]')
             set_("cpus", c)
+        if self.rlimits is not None:
+            set_("rlimits", _FrozenDict(_check_rlimits(self.rlimits)))
+        if self.cpu_affinity is not None:
+            set_("cpu_affinity", _cpu_set("cpu_affinity", self.cpu_affinity))
         if self.timeout is not None:
             if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
                 raise SpecError("timeout", self.timeout, "must be a positive number of seconds")
@@ -381,6 +393,64 @@ class Spec:
 
     def replace(self, **changes: Any) -> Spec:
         return replace(self, **changes)
+
+
+RLIMITS = ("as", "nofile", "nproc", "core", "cpu", "fsize", "stack")
+
+
+def _check_rlimits(value: Any) -> dict[str, tuple[int, int]]:
+    """{name: limit or (soft, hard)}; None or "unlimited" for no limit."""
+    import resource
+
+    if not isinstance(value, Mapping):
+        raise SpecError("rlimits", value, f"must be a mapping like {{'nofile': 256}} (names: {', '.join(RLIMITS)})")
+    out = {}
+    for name, v in value.items():
+        if name not in RLIMITS:
+            raise SpecError("rlimits", name, f"unknown limit; choose from {', '.join(RLIMITS)}")
+        pair = v if isinstance(v, (tuple, list)) else (v, v)
+        if len(pair) != 2:
+            raise SpecError(f"rlimits[{name!r}]", v, "must be a limit or a (soft, hard) pair")
+        nums = []
+        for x in pair:
+            if x is None or x == "unlimited":
+                nums.append(resource.RLIM_INFINITY)
+            elif isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+                nums.append(x)
+            else:
+                raise SpecError(f"rlimits[{name!r}]", v, "limits are non-negative ints, None or 'unlimited'")
+        soft, hard = nums
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            raise SpecError(f"rlimits[{name!r}]", v, "the soft limit cannot be above the hard limit")
+        out[name] = (soft, hard)
+    return out
+
+
+def _cpu_set(field_name: str, value: Any) -> frozenset[int]:
+    cpus: set[int] = set()
+    items: Iterable[Any]
+    if isinstance(value, str):
+        items = [p for p in value.split(",") if p]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        raise SpecError(field_name, value, 'must be CPUs like "0-1", "0,2" or [0, 2]')
+    for it in items:
+        try:
+            if isinstance(it, str) and "-" in it:
+                lo, hi = (int(x) for x in it.split("-", 1))
+                cpus.update(range(lo, hi + 1))
+            elif isinstance(it, bool):
+                raise ValueError
+            else:
+                cpus.add(int(it))
+        except (TypeError, ValueError):
+            raise SpecError(field_name, value, 'must be CPUs like "0-1", "0,2" or [0, 2]') from None
+    if not cpus or min(cpus) < 0 or max(cpus) > 127:
+        raise SpecError(field_name, value, "must name CPUs 0 to 127")
+    return frozenset(cpus)
 
 
 def _bad_overlay(v: Any) -> Overlay:

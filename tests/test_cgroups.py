@@ -212,3 +212,30 @@ def test_plugin_reports_oom_and_timeout(pytester):
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["sandboxed test OOM-killed: limit 64 MiB, peak *MiB"])
     result.stdout.fnmatch_lines(["sandboxed test timed out after 1.0 s; 4 processes killed"])
+
+
+def test_rlimits_and_cpu_affinity(leak_check):
+    r = Sandbox(Spec(rlimits={"nofile": 64, "fsize": (1 << 20, 1 << 20)}, cpu_affinity="0")).run(
+        ["sh", "-c", "ulimit -n; ulimit -f; grep Cpus_allowed_list /proc/self/status"])
+    assert r.stdout.decode().split() == ["64", "2048", "Cpus_allowed_list:", "0"]  # ulimit -f is in 512-byte blocks
+    assert r.degradations == ()
+    r = Sandbox(Spec(rlimits={"cpu": 1})).run([PY, "-c", "while True: pass"], timeout=30)
+    assert r.signal in (signal.SIGXCPU, signal.SIGKILL)
+    assert r.cause is not None and r.cause.startswith("CPU time limit exceeded: RLIMIT_CPU 1 s")
+    with pytest.raises(SpecError) as exc:
+        Spec(rlimits={"nofiles": 1})
+    assert exc.value.field == "rlimits"
+
+
+def test_cpu_affinity_outside_the_allowed_set_degrades():
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    if outside > 127:
+        pytest.skip("no CPU number outside this process's set")
+    r = Sandbox(Spec(cpu_affinity=[allowed[0], outside])).run(["grep", "Cpus_allowed_list", "/proc/self/status"])
+    assert r.stdout.split()[-1] == str(allowed[0]).encode()
+    assert [type(d).__name__ for d in r.degradations] == ["CpuAffinitySkipped"]
+    assert f"CPUs [{outside}] are not allowed" in r.degradations[0].reason
+    with pytest.raises(SpecError) as exc:
+        Sandbox(Spec(cpu_affinity=[outside], strict=True)).run(["/bin/true"])
+    assert exc.value.field == "cpu_affinity"
