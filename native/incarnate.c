@@ -470,9 +470,12 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
     case INC_OP_PIVOT:
         return child_pivot(op->a);
     case INC_OP_MKDIR:
-        if (mkdir(op->a, (mode_t)op->ival) < 0 && errno != EEXIST)
-            return -1;
-        return 0;
+        if (mkdir(op->a, (mode_t)op->ival) < 0) {
+            if (errno != EEXIST)
+                return -1;
+            return 0;
+        }
+        return chmod(op->a, (mode_t)op->ival);   /* the mode asked for, whatever the umask */
     case INC_OP_CHDIR:
         return chdir(op->a);
     case INC_OP_UMASK:

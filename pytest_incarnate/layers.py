@@ -535,7 +535,7 @@ class _Unpacker:
                 self.dirs.append((self.root, m))
                 return
             raise self.refuse(m.name, "it names the layer's top directory but is not a directory")
-        if m.isdev():
+        if m.ischr() or m.isblk():
             if not self.as_root:
                 raise self.refuse(m.name, "a device node, refused unless running as root")
         elif m.issym():

@@ -186,14 +186,18 @@ def own_tree_ops(spec, plan) -> tuple[list[Op], Layout]:  # type: ignore[no-unty
     return ops, Layout(layers=tuple(layers))
 
 
-def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-untyped-def]
-    """/proc, a minimal /dev, read-only /sys, hidden /run: inside /newroot."""
+def standard_ops(spec, plan, *, overlay: bool) -> list[Op]:  # type: ignore[no-untyped-def]
+    """/proc, /dev (minimal, or the host's read-only), read-only /sys, the hidden paths:
+    inside /newroot, whatever the root (over the host's read-only root they cover what the
+    recursive bind brought along)."""
     ns = plan.namespaces
     ops: list[Op] = []
-    create = BIND_CREATE if writable else 0  # mount points can be made in the upper layer
+    create = BIND_CREATE  # made in the upper layer, or in a tmpfs; on a read-only root they exist
     if spec.mount_proc and "pid" in ns:
         ops.append(Op("mount-proc", b=NEW + "/proc", flags=create, path="/proc"))
-    if spec.dev == "minimal" and writable:
+    if spec.dev == "host" and overlay:
+        ops.append(Op("bind", a=OLD + "/dev", b=NEW + "/dev", flags=BIND_RO | BIND_REC | create, path="/dev"))
+    if spec.dev == "minimal":
         ops.append(Op("mount-tmpfs", b=NEW + "/dev", c="mode=0755", flags=create, path="/dev"))
         for node in DEV_NODES:
             if os.path.exists("/dev/" + node):
@@ -203,11 +207,10 @@ def standard_ops(spec, plan, *, writable: bool) -> list[Op]:  # type: ignore[no-
         for name, target in DEV_LINKS:
             ops.append(Op("symlink", a=target, b=f"{NEW}/dev/{name}", path=f"/dev/{name}"))
         ops.append(Op("mkdir", a=NEW + "/dev/shm", ival=0o1777))
-    if writable:
+    if overlay:  # over the read-only host root, /sys came with the recursive bind
         ops.append(Op("bind", a=OLD + "/sys", b=NEW + "/sys", flags=BIND_RO | BIND_REC | create, path="/sys"))
-        for h in spec.hide:
-            ops.append(Op("mount-tmpfs", b=NEW + h, c="mode=0755,size=1m", flags=BIND_CREATE, path=h,
-                          detail="hidden"))
+    for h in spec.hide:
+        ops.append(Op("mount-tmpfs", b=NEW + h, c="mode=0755,size=1m", flags=create, path=h, detail="hidden"))
     return ops
 
 

@@ -180,7 +180,7 @@ def _ancestors(path: str) -> list[str]:
     return out
 
 
-def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tuple[list[Op], rootfs.Layout]:
+def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
     """The ordered child operations for a spec and its plan, and where the upper layers
     show inside (for the changes report)."""
     ns = plan.namespaces
@@ -196,8 +196,6 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
         if plan.root == "overlay":
             root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
             ops += root_ops
-            ops += rootfs.standard_ops(spec, plan, writable=True)
-            mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
         else:
             dirs = spec.root_dirs()
             if len(dirs) == 1:
@@ -207,11 +205,11 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
             else:  # a read-only overlay of the layer stack
                 data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns else "")
                 ops.append(Op("mount-overlay", b=new, c=data, path=":".join(dirs), detail="read-only layer stack"))
-            if spec.mount_proc and "pid" in ns:
-                ops.append(Op("mount-proc", b=new + "/proc", path="/proc"))
             if plan.root == "own-trees":
                 root_ops, layout = rootfs.own_tree_ops(spec, plan)
                 ops += root_ops
+        ops += rootfs.standard_ops(spec, plan, overlay=plan.root == "overlay")
+        mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
         scratch: list[tuple[str, str]] = []
         for t in spec.tmpfs:
             mountpoints.append(t.target)
@@ -249,7 +247,7 @@ def build_ops(spec: Spec, plan: Plan, *, payload_cwd: str | None = None) -> tupl
             layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold, spec.keep_upper)
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
-            here = payload_cwd or os.getcwd()
+            here = os.getcwd()
             cwd = here if not spec.custom_root and not spec.mount_root_hides(here) else "/"
     if late:
         flags = 0

@@ -231,7 +231,7 @@ class Spec:
     root: str | None = None
     layers: tuple[Any, ...] = ()
     binds: tuple[Bind, ...] = ()
-    tmpfs: tuple[Tmpfs, ...] = (Tmpfs("/tmp"), Tmpfs("/dev/shm"))
+    tmpfs: tuple[Tmpfs, ...] = (Tmpfs("/tmp", mode=0o1777), Tmpfs("/dev/shm", mode=0o1777))
     overlays: tuple[Overlay, ...] = ()
     env: Mapping[str, str] | None = None
     cwd: str | None = None
@@ -389,7 +389,7 @@ class Spec:
 
         if any(under(path, b.target or b.source) for b in self.binds):
             return False
-        return any(under(path, t) for t in [x.target for x in self.tmpfs] + [o.target for o in self.overlays])
+        return any(under(path, t) for t in [x.target for x in self.tmpfs] + [o.target for o in self.overlays] + list(self.hide))
 
     def replace(self, **changes: Any) -> Spec:
         return replace(self, **changes)
@@ -461,9 +461,12 @@ class _FrozenDict(dict):  # type: ignore[type-arg]
     """A dict that refuses changes, so a frozen Spec stays frozen (and hashable)."""
 
     def _refuse(self, *a: Any, **k: Any) -> None:
-        raise TypeError("Spec.env is read-only; use spec.replace(env=...)")
+        raise TypeError("a Spec is frozen; use spec.replace(...) to change a field")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> Any:  # copy.deepcopy and pickle rebuild it whole
+        return (_FrozenDict, (dict(self),))

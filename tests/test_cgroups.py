@@ -39,7 +39,9 @@ def run_dirs() -> list[str]:
 
 
 def sandbox_dirs() -> list[str]:
-    return [os.path.join(d, s) for d in run_dirs() for s in os.listdir(d) if s.startswith("sb-")]
+    """This run's sandbox cgroups (other runs on the machine are none of our business)."""
+    mine = [d for d in run_dirs() if d.endswith(RUN_PREFIX + Run.current().id)]
+    return [os.path.join(d, s) for d in mine for s in os.listdir(d) if s.startswith("sb-")]
 
 
 def test_memory_limit_reports_oom_kill(leak_check):
