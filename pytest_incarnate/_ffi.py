@@ -108,10 +108,6 @@ STEP_NAMES = {
     lib.INC_STEP_SETSID: "setsid",
 }
 STEP_OP = lib.INC_STEP_OP
-STEP_CLONE = lib.INC_STEP_CLONE
-STEP_UID_MAP = lib.INC_STEP_UID_MAP
-STEP_GID_MAP = lib.INC_STEP_GID_MAP
-STEP_SETGROUPS = lib.INC_STEP_SETGROUPS
 
 
 @dataclass(frozen=True)
@@ -301,10 +297,10 @@ def abandon(started: Started) -> None:
             os.close(fd)
 
 
-def enter(native: Native) -> None:
-    """Enter the sandbox from a freshly forked child.  Returns in the payload; raises
-    (in the calling process, the would-be monitor) if setup failed."""
-    spec = native.build()
+def enter(native: Native, spec: Any) -> None:
+    """Enter the sandbox from a freshly forked child, with ``spec`` built by
+    ``native.build()`` before the fork.  Returns in the payload; raises (in the calling
+    process, the would-be monitor) if setup failed."""
     res = ffi.new("struct inc_result *")
     if lib.inc_enter(spec, res) != 0:
         raise error_for(native, res)

@@ -61,15 +61,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         print("pytest-incarnate run: give a command after --", file=sys.stderr)
         return 2
+    from pytest_incarnate.errors import SpecError
+
     ns = set(NAMESPACES)
     if args.ns:
         ns = {n for part in args.ns for n in part.split(",") if n}
-    for n in args.share:
-        ns.discard(n)
-    binds = [Bind(*b.split(":", 1)) for b in args.bind] + [Bind(*b.split(":", 1), readonly=True) for b in args.ro_bind]
     try:
+        for n in args.share:
+            if n not in NAMESPACES:
+                raise SpecError("--share", n, f"unknown namespace; choose from {', '.join(NAMESPACES)}")
+            ns.discard(n)
+
+        def bind(text: str, readonly: bool) -> Bind:
+            source, _, target = text.partition(":")
+            return Bind(source, target or None, readonly)
+
+        binds = [bind(b, False) for b in args.bind] + [bind(b, True) for b in args.ro_bind]
         spec = Spec(namespaces=frozenset(ns), hostname=args.hostname, binds=tuple(binds),
                     strict=args.strict, cwd=args.chdir, memory=args.memory, pids=args.pids)
+    except SpecError as e:
+        print(f"pytest-incarnate run: {e}", file=sys.stderr)
+        return 2
+    try:
         handle = Sandbox(spec).spawn(argv)
         for d in handle.degradations:
             print(f"pytest-incarnate: degraded: {d.describe()}", file=sys.stderr)

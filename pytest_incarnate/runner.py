@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import linecache
 
-import signal as _signal
 from typing import Any
 
 import pytest
 
 from pytest_incarnate.errors import NamespaceSkipped, SandboxCrashed, SandboxTimeout
-from pytest_incarnate.sandbox import Sandbox, forked_enter
+from pytest_incarnate.sandbox import Sandbox, forked_enter, signal_name
 from pytest_incarnate.spec import Bind, Spec
 
 IN_CHILD = pytest.StashKey[bool]()
@@ -76,7 +75,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
         except TypeError:  # pragma: no cover - a pytest without the keyword
             pytest.skip(reason)
     try:
-        out = forked_enter(sandbox, plan, lambda: _child_body(item))
+        out = forked_enter(sandbox, lambda: _child_body(item))
     except SandboxCrashed as e:
         item.stash[CRASH] = e
         raise SandboxedCallDone("crashed") from None
@@ -103,7 +102,7 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
         elif "was stopped: " in crash.cause:
             msg = "sandboxed test " + crash.cause.split("was stopped: ", 1)[1]
         elif crash.signal:
-            name = _signal.Signals(crash.signal).name
+            name = signal_name(crash.signal)
             msg = f"sandboxed test crashed: killed by signal {crash.signal} ({name})"
         else:
             msg = f"sandboxed test crashed: exited with status {crash.returncode} (os._exit or a fatal error) before reporting"

@@ -18,7 +18,7 @@ import signal as _signal
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from pytest_incarnate import _ffi
@@ -46,6 +46,8 @@ from pytest_incarnate.probe import Capabilities, id_maps, probe
 from pytest_incarnate.spec import NAMESPACES, Spec, SpecError
 
 STAGE_BASE = "/tmp"
+# A refused clone worth one re-probe: a limit reached, or a capability taken away since.
+_RETRY_CLONE_ERRNOS = frozenset({_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES})
 PIPE = -1
 DEVNULL = -3
 
@@ -412,7 +414,10 @@ class Handle:
                 # the status is lost, and saying "0" would be a lie.
                 self.returncode = 255
                 self._close_fds()
-                raise SandboxCrashed(f"sandbox pid {self.pid} was reaped by someone else; its status is lost") from None
+                self.stats = _release_cgroup(self._cgroup)
+                raise SandboxCrashed(
+                    f"sandbox pid {self.pid} was reaped by someone else, so its status is lost: do not ignore "
+                    "SIGCHLD or call waitpid(-1) while sandboxes run") from None
             break
         if pid == 0:
             return
@@ -421,19 +426,21 @@ class Handle:
             data = os.read(self._status_fd, _ffi.STATUS_SIZE)
             if len(data) == _ffi.STATUS_SIZE:
                 status = int.from_bytes(data, "little", signed=True)
-        try:
-            if self._hold_fd >= 0 and self._layout is not None:
-                self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
-                rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
-        finally:
-            self._close_fds()
-            self.stats = _release_cgroup(self._cgroup)
-            self._cgroup = None
         if os.WIFSIGNALED(status):
             self.signal = os.WTERMSIG(status)
             self.returncode = -self.signal
         else:
             self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+        try:
+            if self._hold_fd >= 0 and self._layout is not None:
+                try:
+                    self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
+                except OSError:
+                    self.changes = None  # a host file it could not read: no report rather than a wrong one
+                rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
+        finally:
+            self._close_fds()
+            self.stats = _release_cgroup(self._cgroup)
         # The init reaped the payload, so its usage counts the payload's CPU time.
         self.cause = limit_cause(self.signal, self.stats, self._cpu_limit, usage.ru_utime + usage.ru_stime)
 
@@ -551,16 +558,14 @@ class Sandbox:
 
     # -------------------------------------------------------------- programs
 
-    def _with_cgroup(self, plan: Plan) -> tuple[Plan, cgroups.SandboxCgroup | None]:
-        """The sandbox's cgroup when the spec has limits; what could not be had is added
-        to the plan's degradations (strict: CgroupNotWritable)."""
+    def _cgroup(self) -> tuple[cgroups.SandboxCgroup | None, tuple[Degradation, ...]]:
+        """The sandbox's cgroup when the spec has limits, and what could not be had
+        (strict: CgroupNotWritable)."""
         limits = self.spec.limits()
         if not limits.any():
-            return plan, None
+            return None, ()
         cg, degr = cgroups.create(limits, self.spec.strict)
-        if degr:
-            plan = dataclasses.replace(plan, degradations=plan.degradations + tuple(degr))
-        return plan, cg
+        return cg, tuple(degr)
 
     def _native(self, plan: Plan, cg: cgroups.SandboxCgroup | None = None, **kw: Any) -> Native:
         ops, layout = build_ops(self.spec, plan)
@@ -578,24 +583,31 @@ class Sandbox:
             **kw,
         )
 
-    def _run_native(self, plan: Plan, make: Callable[[Plan], Native], go: Callable[[Native], Any]) -> tuple[Plan, Any]:
-        try:
-            return plan, go(make(plan))
-        except CloneFailed as e:
-            if self.spec.strict or e.errno not in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES):
-                raise
+    def _fallback_plan(self, plan: Plan, exc: IncarnateError) -> Plan | None:
+        """After a refused clone or id map, the plan to try once more (not strict), or None."""
+        if self.spec.strict:
+            return None
+        if isinstance(exc, CloneFailed) and exc.errno in _RETRY_CLONE_ERRNOS:
+            # The machine changed since the probe (a limit reached, a capability taken away).
             new = make_plan(self.spec, probe(refresh=True))
-            if new == plan:
-                raise
-            return new, go(make(new))
-        except SetupStepFailed as e:
-            if self.spec.strict or e.step not in ("uid_map", "gid_map", "setgroups") or os.geteuid() != 0:
-                raise
+            return None if new == plan else new
+        if isinstance(exc, SetupStepFailed) and exc.step in ("uid_map", "gid_map", "setgroups") and os.geteuid() == 0:
             # Real root whose whole identity map was refused (a nested, limited userns):
-            # fall back to mapping only root, and say so.
-            single = Plan(plan.namespaces, plan.degradations + (UidMapFailed(f"{e}; mapped uid 0 only"),),
-                          f"0 {os.getuid()} 1", f"0 {os.getgid()} 1", True)
-            return single, go(make(single))
+            # map only root, and say so.
+            return dataclasses.replace(
+                plan, uid_map=f"0 {os.getuid()} 1", gid_map=f"0 {os.getgid()} 1", setgroups_deny=True,
+                degradations=plan.degradations + (UidMapFailed(f"{exc}; mapped uid 0 only"),))
+        return None
+
+    def _run_native(self, plan: Plan, go: Callable[[Plan], Any]) -> tuple[Plan, Any]:
+        """``go(plan)``, and once more with the fallback plan if the first was refused."""
+        try:
+            return plan, go(plan)
+        except (CloneFailed, SetupStepFailed) as e:
+            new = self._fallback_plan(plan, e)
+            if new is None:
+                raise
+            return new, go(new)
 
     def spawn(self, argv: Sequence[str], *, stdin: int | IO[Any] | None = None, stdout: int | IO[Any] | None = None,
               stderr: int | IO[Any] | None = None, pass_fds: Sequence[int] = ()) -> Handle:
@@ -603,7 +615,8 @@ class Sandbox:
         file or an fd (None: inherit)."""
         args = _check_argv(argv)
         exe = _resolve_exe(args[0], self.spec.env, self.spec.root_dirs() if self.spec.custom_root else None)
-        plan, cg = self._with_cgroup(self.plan())
+        plan = self.plan()
+        cg, cg_degr = self._cgroup()
         fds: list[int] = []
         to_close: list[int] = []
         parent_ends: list[IO[bytes] | None] = []
@@ -630,23 +643,17 @@ class Sandbox:
                     fds.append(want.fileno())
                     parent_ends.append(None)
             env = _env_list(self.spec.env)
-            has_init = "pid" in plan.namespaces
 
-            def make(p: Plan) -> Native:
-                return self._native(p, cg, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
-                                    keep_fds=tuple(pass_fds), setsid_payload=True)
+            def go(p: Plan) -> tuple[_ffi.Started, Native]:
+                n = self._native(p, cg, exe=exe, argv=args, envp=env, stdio=(fds[0], fds[1], fds[2]),
+                                 keep_fds=tuple(pass_fds), setsid_payload=True)
+                return _ffi.spawn(n), n
 
-            natives: list[Native] = []
-
-            def spawn_native(n: Native) -> _ffi.Started:
-                natives.append(n)
-                return _ffi.spawn(n)
-
-            plan, started = self._run_native(plan, make, spawn_native)
-            has_init = "pid" in plan.namespaces
+            plan, (started, native) = self._run_native(plan, go)
+            plan = dataclasses.replace(plan, degradations=plan.degradations + cg_degr)
             try:
-                handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2], has_init,
-                                natives[-1].layout, cg, self.spec.rlimits)
+                handle = Handle(args, started, plan, parent_ends[0], parent_ends[1], parent_ends[2],
+                                "pid" in plan.namespaces, native.layout, cg, self.spec.rlimits)
             except BaseException:
                 _ffi.abandon(started)
                 raise
@@ -667,7 +674,7 @@ class Sandbox:
         False; after ``timeout`` seconds the whole sandbox is killed and the result says
         ``timed_out``."""
         if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
-            raise InvalidArgv(input, "input must be bytes")
+            raise SpecError("input", input, "must be bytes")
         out = PIPE if capture_output else None
         h = self.spawn(argv, stdin=PIPE if input is not None else DEVNULL, stdout=out, stderr=out)
         if timeout is None:
@@ -691,7 +698,7 @@ class Sandbox:
     def call_outcome(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CallOutcome:
         """Like :meth:`call`, but returns a CallOutcome: kind ("ok" or "err"), the value or
         the exception, the plan, and the filesystem changes."""
-        return forked_enter(self, self.plan(), lambda: fn(*args, **kwargs))
+        return forked_enter(self, lambda: fn(*args, **kwargs))
 
 
 @dataclass(frozen=True)
@@ -725,7 +732,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _dump(obj: Any) -> bytes:
     try:
-        return pickle.dumps(obj)
+        data = pickle.dumps(obj)
+        pickle.loads(data)  # an exception class with its own __init__ pickles but may not load
+        return data
     except Exception as e:  # unpicklable value or exception
         kind, value = obj
         if kind == "err":
@@ -782,92 +791,99 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
     return max(0, len(inside) - 1)  # not counting the init
 
 
-def forked_enter(sandbox: Sandbox, plan: Plan, body: Callable[[], Any], timeout: float | None = None) -> CallOutcome:
+def forked_enter(sandbox: Sandbox, body: Callable[[], Any]) -> CallOutcome:
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
     and its filesystem changes back."""
-    def attempt(p: Plan) -> CallOutcome:
-        p, cg = sandbox._with_cgroup(p)
-        try:
-            out = run_once(p, cg)
-        finally:
-            stats = _release_cgroup(cg)
-        return dataclasses.replace(out, stats=stats)
+    cg, cg_degr = sandbox._cgroup()
+    try:
+        plan, out = sandbox._run_native(sandbox.plan(), lambda p: _run_forked(sandbox, p, cg, body))
+    finally:
+        stats = _release_cgroup(cg)
+    return dataclasses.replace(out, plan=dataclasses.replace(plan, degradations=plan.degradations + cg_degr),
+                               stats=stats)
 
-    def run_once(p: Plan, cg: cgroups.SandboxCgroup | None) -> CallOutcome:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        ppid = os.getpid()
-        native = sandbox._native(p, cg, expect_ppid=ppid, close_fds=False)
-        native.build()  # allocate in the parent, before the fork
+
+def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any]) -> CallOutcome:
+    native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False)
+    cspec = native.build()  # allocated in the parent, before the fork
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
             pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 70
-            try:
-                os.close(r)
-                try:
-                    _ffi.enter(native)
-                except IncarnateError as e:
-                    _write_all(w, pickle.dumps(("setup", e)))
-                    code = 0
-                else:
-                    try:
-                        result: tuple[str, Any] = ("ok", body())
-                    except BaseException as e:  # noqa: BLE001 - shipped to the parent
-                        result = ("err", e)
-                    _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
-                    code = 0
-            finally:
-                os._exit(code)
+    except BaseException:
+        os.close(r)
         os.close(w)
-        chunks = []
-        limit = timeout if timeout is not None else sandbox.spec.timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        timed_out = -1
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 70
         try:
-            while True:
-                if deadline is not None:
-                    ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-                    if not ready:
-                        timed_out = _kill_tree(pid, cg)
-                        break
-                try:
-                    b = os.read(r, 1 << 16)
-                except InterruptedError:
-                    continue
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
             os.close(r)
-            _, status, usage = os.wait4(pid, 0)
-        if timed_out >= 0:
-            _release_cgroup(cg)
-            raise SandboxTimeout(limit or 0.0, timed_out)
-        data = b"".join(chunks)
-        if not data:
-            cpu = (sandbox.spec.rlimits or {}).get("cpu")
-            raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, usage.ru_utime + usage.ru_stime)
-        stream = io.BytesIO(data)
-        kind, value = pickle.load(stream)
-        if kind == "setup":
-            raise value
-        entries = pickle.load(stream) if stream.tell() < len(data) else None
-        changes = None
-        if entries is not None and native.layout is not None:
-            changes = rootfs.classify(entries, native.layout.mountpoints)
-            rootfs.keep(changes, native.layout.keep_dir, pid)
-        return CallOutcome(kind, value, p, changes)
-
+            try:
+                _ffi.enter(native, cspec)
+            except IncarnateError as e:
+                _write_all(w, pickle.dumps(("setup", e)))
+                code = 0
+            else:
+                try:
+                    result: tuple[str, Any] = ("ok", body())
+                except BaseException as e:  # noqa: BLE001 - shipped to the parent
+                    result = ("err", e)
+                _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    limit = sandbox.spec.timeout
+    deadline = None if limit is None else time.monotonic() + limit
+    timed_out = -1
     try:
-        return attempt(plan)
-    except CloneFailed as e:
-        if sandbox.spec.strict or e.errno not in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES):
-            raise
-        new = make_plan(sandbox.spec, probe(refresh=True))
-        if new == plan:
-            raise
-        return attempt(new)
+        while True:
+            if deadline is not None:
+                ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    timed_out = _kill_tree(pid, cg)
+                    break
+            try:
+                b = os.read(r, 1 << 16)
+            except InterruptedError:
+                continue
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(r)
+        _, status, usage = os.wait4(pid, 0)
+    if timed_out >= 0:
+        _release_cgroup(cg)
+        raise SandboxTimeout(limit or 0.0, timed_out)
+    data = b"".join(chunks)
+    if not data:
+        cpu = (sandbox.spec.rlimits or {}).get("cpu")
+        raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, usage.ru_utime + usage.ru_stime)
+    stream = io.BytesIO(data)
+    try:
+        kind, value = pickle.load(stream)
+        entries = pickle.load(stream) if stream.tell() < len(data) else None
+    except Exception as e:
+        raise SandboxCrashed(f"the sandboxed call's result could not be read back: {e!r}") from e
+    if kind == "setup":
+        raise value
+    changes = None
+    if entries is not None and native.layout is not None:
+        changes = rootfs.classify(entries, native.layout.mountpoints)
+        rootfs.keep(changes, native.layout.keep_dir, pid)
+    return CallOutcome(kind, value, p, changes)
+
+
+def signal_name(sig: int) -> str:
+    """SIGKILL, SIGRTMIN+3, ... (real-time signals have no enum member)."""
+    try:
+        return _signal.Signals(sig).name
+    except ValueError:
+        rtmin = getattr(_signal, "SIGRTMIN", 34)
+        return f"SIGRTMIN+{sig - rtmin}" if sig >= rtmin else f"signal {sig}"
 
 
 def limit_cause(sig: int | None, stats: cgroups.Stats | None, cpu_limit: int | None, cpu_used: float) -> str | None:
@@ -888,7 +904,6 @@ def _crash(status: int, stats: cgroups.Stats | None = None, cpu_limit: int | Non
         cause = limit_cause(sig, stats, cpu_limit, cpu_used)
         if cause is not None:
             return SandboxCrashed(f"the sandboxed call was stopped: {cause}", -sig, sig)
-        name = _signal.Signals(sig).name if sig in _signal.Signals._value2member_map_ else str(sig)
-        return SandboxCrashed(f"the sandboxed call was killed by signal {sig} ({name})", -sig, sig)
+        return SandboxCrashed(f"the sandboxed call was killed by signal {sig} ({signal_name(sig)})", -sig, sig)
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
     return SandboxCrashed(f"the sandboxed call exited with status {code} before returning", code)

@@ -65,3 +65,11 @@ def test_sweep_and_run_with_limits() -> None:
     oom = cli("run", "--memory", "64M", "--", sys.executable, "-c", "x = bytearray(200 * 1024 * 1024)")
     assert oom.returncode == 128 + 9
     assert "OOM-killed: limit 64 MiB" in oom.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [(("--bind", "rel"), "binds.source"), (("--ns", "usr"), "namespaces"),
+                                             (("--share", "usr"), "--share")])
+def test_run_bad_flags_exit_2_naming_them(args: tuple[str, ...], named: str) -> None:
+    r = cli("run", *args, "--", "true")
+    assert r.returncode == 2
+    assert named in r.stderr

@@ -334,3 +334,15 @@ def test_drop_privileges_keeps_the_parent_death_signal(tmp_path, leak_check):
         assert ready, "the sandbox outlived its parent after dropping privileges"
     finally:
         os.close(pidfd)
+
+
+def test_exception_that_cannot_be_rebuilt_still_reports(leak_check):
+    class Odd(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a}-{b}")
+
+    def boom():
+        raise Odd(1, 2)
+
+    with pytest.raises(SandboxCrashed, match="Odd: 1-2"):
+        Sandbox().call(boom)

@@ -100,8 +100,9 @@ def test_bad_argv(argv, leak_check):
 
 
 def test_bad_input_type():
-    with pytest.raises(InvalidArgv):
+    with pytest.raises(SpecError) as exc:
         Sandbox().run(["/bin/true"], input="text")  # type: ignore[arg-type]
+    assert exc.value.field == "input"
 
 
 @pytest.mark.parametrize("argv0", ["/no/such/program", "no-such-program-xyz"])
