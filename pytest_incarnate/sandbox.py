@@ -892,7 +892,8 @@ def limit_cause(sig: int | None, stats: cgroups.Stats | None, cpu_limit: int | N
         return None
     if stats is not None and stats.oom_killed:
         return stats.describe_oom()
-    if sig == _signal.SIGXCPU or (sig == _signal.SIGKILL and cpu_limit is not None and cpu_used >= cpu_limit):
+    # At the hard limit the kernel sends SIGKILL; the usage it reports may fall a tick short.
+    if sig == _signal.SIGXCPU or (sig == _signal.SIGKILL and cpu_limit is not None and cpu_used >= 0.9 * cpu_limit):
         return f"CPU time limit exceeded: RLIMIT_CPU {cpu_limit} s, used {cpu_used:.1f} s"
     return None
 
