@@ -641,6 +641,19 @@ static void *payload_stack_top(void)
     return payload_stack + sizeof payload_stack;
 }
 
+/* v1 cgroups: the child writes "0" (itself) into each controller's "tasks".  A write of
+ * another process's pid takes the global cgroup_threadgroup_rwsem for writing and waits for
+ * an RCU grace period (10-30 ms when writes are spaced, as between tests); a thread moving
+ * itself does not. */
+static void child_enter_cgroups(const struct inc_spec *spec, const struct inc_child *cx)
+{
+    for (int i = 0; i < spec->n_cgroup_procs_fds; i++) {
+        if (write(spec->cgroup_procs_fds[i], "0", 1) != 1)
+            child_fail(cx, INC_STEP_CGROUP, errno, i);
+        close(spec->cgroup_procs_fds[i]);
+    }
+}
+
 /* Runs in the cloned child.  Returns only in enter mode, in the payload. */
 static void child_main(const struct inc_spec *spec, struct inc_child *cx, int enter)
 {
@@ -650,6 +663,7 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
      * so this also closes the race where the parent died before prctl). */
     if (child_read_go(cx) < 0)
         _exit(127);
+    child_enter_cgroups(spec, cx);
 
     for (int i = 0; i < spec->n_ops; i++) {
         if (child_op(cx, &spec->ops[i], i) < 0)
@@ -810,19 +824,17 @@ static int parent_id_maps(const struct inc_spec *spec, pid_t pid, struct inc_res
  * waits for the go byte: everything it runs is accounted from the start. */
 static int parent_cgroups(const struct inc_spec *spec, pid_t pid, struct inc_result *res)
 {
+    /* v1: the child moves itself (see child_enter_cgroups).  v2 without CLONE_INTO_CGROUP:
+     * the parent writes the pid. */
+    if (res->into_cgroup || spec->cgroup_v2_procs_fd < 0)
+        return 0;
     char buf[24];
     int len = snprintf(buf, sizeof buf, "%d", (int)pid);
-    int n = spec->n_cgroup_procs_fds;
-    for (int i = 0; i <= n; i++) {
-        int fd = i < n ? spec->cgroup_procs_fds[i] : (res->into_cgroup ? -1 : spec->cgroup_v2_procs_fd);
-        if (fd < 0)
-            continue;
-        if (write(fd, buf, (size_t)len) != len) {
-            res->step = INC_STEP_CGROUP;
-            res->err = errno ? errno : EIO;
-            res->op_index = i;
-            return -1;
-        }
+    if (write(spec->cgroup_v2_procs_fd, buf, (size_t)len) != len) {
+        res->step = INC_STEP_CGROUP;
+        res->err = errno ? errno : EIO;
+        res->op_index = spec->n_cgroup_procs_fds;
+        return -1;
     }
     return 0;
 }

@@ -123,7 +123,8 @@ struct inc_spec {
 
     /* cgroups: the child is placed in them before it runs anything */
     int cgroup_dirfd;                  /* cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */
-    const int *cgroup_procs_fds;       /* v1 cgroup.procs files the parent writes the pid into */
+    const int *cgroup_procs_fds;       /* v1 "tasks" files (opened by the caller): the child writes
+                                          "0" into each, moving itself, as its first step */
     int n_cgroup_procs_fds;
     int cgroup_v2_procs_fd;            /* v2 cgroup.procs, written only if CLONE_INTO_CGROUP failed */
 };

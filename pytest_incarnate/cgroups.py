@@ -208,6 +208,18 @@ class Run:
     def next_name(self) -> str:
         return f"sb-{next(self._seq)}"
 
+    @classmethod
+    def forget_in_child(cls) -> None:
+        """In a forked child: drop the inherited lock fd, so that the run counts as dead
+        once the run's own process is (a sandbox outliving it must not keep it alive)."""
+        run = cls._current
+        if run is not None and run.pid != os.getpid():
+            try:
+                os.close(run._fd)
+            except OSError:
+                pass
+            cls._current = None
+
 
 class SandboxCgroup:
     """The cgroup(s) of one sandbox."""
@@ -222,9 +234,10 @@ class SandboxCgroup:
         self.released: Stats | None = None  # the stats read when it was released
 
     def open_for_spawn(self) -> None:
-        """Open what the core needs: cgroup.procs files (v1), the v2 directory."""
+        """Open what the core needs: each v1 "tasks" file (the child moves itself), the v2
+        directory (CLONE_INTO_CGROUP) and its cgroup.procs (the fallback)."""
         for d in dict.fromkeys(self.dirs.values()):
-            p = os.path.join(d, "cgroup.procs")
+            p = os.path.join(d, "tasks")
             self.procs.append((os.open(p, os.O_WRONLY | os.O_CLOEXEC), p))
         if self.v2 is not None:
             self.dirfd = os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

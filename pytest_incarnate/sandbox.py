@@ -819,6 +819,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         code = 70
         try:
             os.close(r)
+            cgroups.Run.forget_in_child()
             try:
                 _ffi.enter(native, cspec)
             except IncarnateError as e:
