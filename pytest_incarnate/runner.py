@@ -22,6 +22,7 @@ IN_CHILD = pytest.StashKey[bool]()
 CHILD_REPORT = pytest.StashKey[Any]()
 CRASH = pytest.StashKey[SandboxCrashed]()
 CHANGES = pytest.StashKey[Any]()
+STATS = pytest.StashKey[Any]()
 
 class SandboxedCallDone(pytest.skip.Exception):  # type: ignore[misc,name-defined]
     """Raised in the parent once the child's report is in; never shown to users (the
@@ -82,6 +83,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     if out.kind != "ok":  # the reporting itself failed in the child
         raise out.value
     item.stash[CHANGES] = out.changes
+    item.stash[STATS] = out.stats
     item.stash[CHILD_REPORT] = out.value
     raise SandboxedCallDone("done")
 
@@ -92,6 +94,11 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
         del item.stash[CHILD_REPORT]
         rep: pytest.TestReport = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
         rep.sections = list(rep.sections)
+        stats = item.stash.get(STATS, None)
+        if rep.failed and stats is not None and stats.pids_limit_hits:
+            # A failure that may come from refused forks says so.
+            rep.sections.append(("incarnate", f"{stats.pids_limit_hits} fork(s) refused by the pids limit "
+                                              f"(pids={stats.pids_limit})"))
         return rep
     crash = item.stash.get(CRASH, None)
     if crash is not None:

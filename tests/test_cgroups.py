@@ -241,3 +241,24 @@ def test_cpu_affinity_outside_the_allowed_set_degrades():
     with pytest.raises(SpecError) as exc:
         Sandbox(Spec(cpu_affinity=[outside], strict=True)).run(["/bin/true"])
     assert exc.value.field == "cpu_affinity"
+
+
+def test_plugin_names_the_pids_limit(pytester):
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.incarnate(pids=16)
+        def test_forks():
+            children = []
+            for _ in range(40):
+                pid = os.fork()
+                if pid == 0:
+                    os.read(os.open("/dev/zero", os.O_RDONLY), 1)
+                    os._exit(0)
+                children.append(pid)
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*BlockingIOError*", "*fork(s) refused by the pids limit (pids=16)*"])
