@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 MARKER_HELP = (
     "incarnate(**spec): run the test's call phase inside a fresh incarnation (its keywords are "
-    "pytest_incarnate.Spec fields: namespaces, hostname, binds, tmpfs, env, cwd, strict, ...). "
+    "pytest_incarnate.Spec fields: namespaces, hostname, binds, tmpfs, env, cwd, layers, memory, pids, "
+    "cpu_quota, cpus, rlimits, timeout, strict, ...). The root is the host's, copy-on-write. "
     "A namespace the machine cannot grant skips the test with the reason."
 )
 
