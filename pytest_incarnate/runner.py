@@ -9,6 +9,7 @@ the report crosses the process boundary with ``pytest_report_to_serializable``.
 from __future__ import annotations
 
 import linecache
+import os
 
 from typing import Any
 
@@ -41,9 +42,11 @@ def spec_for(item: pytest.Item) -> Spec:
     funcargs = getattr(item, "funcargs", {})
     extra = []
     # The project stays readable inside (tracebacks read its source) even when it lives
-    # under a path the spec hides with a tmpfs (a project under /tmp, say).
+    # under a path the spec hides with a tmpfs (a project under /tmp, say).  With the
+    # copy-on-write root the working directory is overlaid there already.
     rootdir = str(item.config.rootpath)
-    if spec.mount_root_hides(rootdir):
+    cow_cwd = spec.copy_on_write and not spec.custom_root and spec.cwd is None and rootdir == os.getcwd()
+    if spec.mount_root_hides(rootdir) and not cow_cwd:
         extra.append(Bind(rootdir, readonly=True))
     for name in ("tmp_path", "tmpdir"):
         if name in funcargs:

@@ -242,6 +242,16 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             mountpoints.append(target)
             ops.append(Op("bind", a=old + src, b=new + target, flags=flags, path=b.source,
                           detail=f"onto {target}" + (" (read-only)" if b.readonly else "")))
+        here = os.getcwd()
+        project_layer = (plan.root == "overlay" and spec.cwd is None and not spec.custom_root
+                         and spec.mount_root_hides(here))
+        if project_layer:
+            # The working directory (the project) lies under a scratch tmpfs (/tmp): keep
+            # it visible, copy-on-write, as the rest of the host.
+            name = f"L{len(layout.layers)}"
+            ops += rootfs._layer_ops(here, name, here, userxattr="user" in ns and not late)
+            layout = rootfs.Layout(layout.layers + ((here, name, here),))
+            mountpoints.append(here)
         if plan.root == "overlay" or layout.layers:
             hold = rootfs.hold_fd_number()
             ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
@@ -249,8 +259,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold, spec.keep_upper)
         ops.append(Op("pivot_root", a=new, path="/"))
         if cwd is None:
-            here = os.getcwd()
-            cwd = here if not spec.custom_root and not spec.mount_root_hides(here) else "/"
+            visible = not spec.custom_root and (project_layer or not spec.mount_root_hides(here))
+            cwd = here if visible else "/"
     if late:
         flags = 0
         for n in late:
