@@ -81,6 +81,7 @@ from typing import Any, Callable, Iterable
 from filelock import FileLock, Timeout
 
 from pytest_incarnate.errors import IncarnateError, SpecError
+from pytest_incarnate.spec import _path as _spec_path
 
 __all__ = [
     "Layer",
@@ -138,20 +139,8 @@ class UnsafeTarMember(LayerBuildError):
 # ----------------------------------------------------------------------- validation
 
 
-def _abs_path(field_name: str, value: Any) -> str:
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if isinstance(value, bytes):
-        raise SpecError(field_name, value, "must be a str path, not bytes")
-    if not isinstance(value, str):
-        raise SpecError(field_name, value, f"must be a path string, not {type(value).__name__}")
-    if not value:
-        raise SpecError(field_name, value, "must not be empty")
-    if "\x00" in value:
-        raise SpecError(field_name, value, "contains a NUL byte")
-    if not value.startswith("/"):
-        raise SpecError(field_name, value, "must be an absolute path")
-    return os.path.normpath(value)
+# The same rules as every path of a Spec.
+_abs_path = _spec_path
 
 
 def _overlay_safe(field_name: str, value: str) -> str:

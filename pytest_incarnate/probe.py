@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 
 from pytest_incarnate import _ffi
 from pytest_incarnate._ffi import Native, Op
+from pytest_incarnate.cgroups import _read
 from pytest_incarnate.errors import CloneFailed, IncarnateError, SetupStepFailed
 from pytest_incarnate.spec import NAMESPACES
 
@@ -100,14 +101,6 @@ class Capabilities:
         return Capability(
             c.name, False, "needs CAP_SYS_ADMIN, or a user namespace beside it", "add 'user' to the Spec's namespaces"
         )
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _trial(ns: tuple[str, ...], ops: list[Op], maps: tuple[str, str, bool] | None) -> tuple[bool, str, int]:
