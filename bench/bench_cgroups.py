@@ -63,6 +63,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_core import percentile  # the same interpolation as the core benchmark
+
 TRUE = "/bin/true"
 OUT = Path("/var/tmp/incarnate-bench")
 SLOW_MS = 5.0
@@ -80,15 +82,6 @@ class Line:
     wall: list[int] = field(default_factory=list)
     cpu: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (like numpy's default)."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def _pause(gap: float) -> None:

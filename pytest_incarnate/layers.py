@@ -82,6 +82,7 @@ from filelock import FileLock, Timeout
 
 from pytest_incarnate.errors import IncarnateError, SpecError
 from pytest_incarnate.spec import _path as _spec_path
+from pytest_incarnate.spec import overlay_safe as _overlay_safe
 
 __all__ = [
     "Layer",
@@ -141,13 +142,6 @@ class UnsafeTarMember(LayerBuildError):
 
 # The same rules as every path of a Spec.
 _abs_path = _spec_path
-
-
-def _overlay_safe(field_name: str, value: str) -> str:
-    # The tree becomes an overlay lowerdir, whose option syntax has no room for these.
-    if "," in value or ":" in value:
-        raise SpecError(field_name, value, "overlay paths cannot contain ',' or ':'")
-    return value
 
 
 def _key_string(field_name: str, value: Any) -> str:

@@ -32,6 +32,14 @@ def _path(field_name: str, value: Any, *, absolute: bool = True) -> str:
     return os.path.normpath(value) if value != "/" else "/"
 
 
+def overlay_safe(field_name: str, value: str) -> str:
+    """A path that goes into an overlay mount's options, whose syntax has no room for
+    ',' or ':'."""
+    if "," in value or ":" in value:
+        raise SpecError(field_name, value, "overlay paths cannot contain ',' or ':'")
+    return value
+
+
 def _text(field_name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise SpecError(field_name, value, f"must be a str, not {type(value).__name__}")
@@ -150,17 +158,14 @@ class Overlay:
             raise SpecError("overlays.lower", self.lower, "must be a non-empty list of directories")
         lower = tuple(_path("overlays.lower", x) for x in lower)
         for p in lower:
-            if "," in p or ":" in p:
-                raise SpecError("overlays.lower", p, "overlay paths cannot contain ',' or ':'")
+            overlay_safe("overlays.lower", p)
         object.__setattr__(self, "lower", lower)
         if (self.upper is None) != (self.work is None):
             raise SpecError("overlays.upper", self.upper, "upper and work must be given together")
         for name in ("upper", "work"):
             v = getattr(self, name)
             if v is not None:
-                v = _path(f"overlays.{name}", v)
-                if "," in v or ":" in v:
-                    raise SpecError(f"overlays.{name}", v, "overlay paths cannot contain ',' or ':'")
+                v = overlay_safe(f"overlays.{name}", _path(f"overlays.{name}", v))
                 object.__setattr__(self, name, v)
         if self.upper is None and len(lower) < 2:
             raise SpecError("overlays.lower", self.lower, "a read-only overlay needs at least two lower directories")
