@@ -6,7 +6,12 @@ Two backends behind one interface:
   cpuacct, cpuset, freezer) under this process's own cgroup in each; the parent writes the
   child's pid into every ``cgroup.procs`` before the child runs anything.
 - v2 (the unified hierarchy): one directory; the child is born in it with
-  CLONE_INTO_CGROUP; limits need the controllers delegated to it.
+  CLONE_INTO_CGROUP, and ``cgroup.kill`` ends it.  A limit whose controller no v1 hierarchy
+  has goes to v2 when the controller is delegated (listed in the own cgroup's
+  ``cgroup.controllers``): it is enabled in ``cgroup.subtree_control`` down to the sandbox.
+  The no-internal-processes rule forbids that in a cgroup that has processes, so the
+  processes of the own cgroup are first moved into a leaf, ``<own cgroup>/incarnate_leaf``
+  (as systemd's delegated scopes expect), once per run.
 
 Layout: ``<own cgroup>/incarnate-<run id>/sb-<n>``.  Each run holds a lock (a file lock
 under the runtime directory) for its lifetime; a run directory whose lock can be taken
@@ -30,6 +35,7 @@ from pytest_incarnate.errors import CgroupNotWritable, CgroupSkipped, Degradatio
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer")
 RUN_PREFIX = "incarnate-"
+LEAF = "incarnate_leaf"  # v2: where the own cgroup's processes go when it delegates controllers
 
 
 def parse_size(field_name: str, value: int | str) -> int:
@@ -118,7 +124,14 @@ class Hierarchy:
     """Where this process's cgroups are: v1 controller roots, and/or the v2 root."""
 
     v1: dict[str, str] = field(default_factory=dict)  # controller -> this process's cgroup dir
-    v2: str | None = None
+    v2: str | None = None        # this process's v2 cgroup (the parent of the leaf, once moved)
+    v2_root: str | None = None   # the v2 mount point
+
+    def v2_controllers(self) -> set[str]:
+        """The controllers delegated to the own v2 cgroup (usable in its children)."""
+        if self.v2 is None:
+            return set()
+        return set((_read(f"{self.v2}/cgroup.controllers") or "").split())
 
     @classmethod
     def detect(cls) -> Hierarchy:
@@ -145,8 +158,10 @@ class Hierarchy:
                 for c in ctrls.split(","):
                     if c in mounts_v1:
                         own[c] = os.path.join(mounts_v1[c], path.lstrip("/"))
-        v2 = os.path.join(v2_mount, (own_v2 or "/").lstrip("/")) if v2_mount else None
-        return cls(own, v2)
+        v2 = os.path.join(v2_mount, (own_v2 or "/").lstrip("/")).rstrip("/") if v2_mount else None
+        if v2 is not None and os.path.basename(v2) == LEAF:
+            v2 = os.path.dirname(v2)  # moved into the leaf by an earlier run: its parent is ours
+        return cls(own, v2, v2_mount)
 
     def kind(self) -> str:
         if self.v1 and self.v2:
@@ -278,9 +293,24 @@ class SandboxCgroup:
                 if line.startswith("max "):
                     hits = int(line.split()[1])
         if self.v2 is not None:
-            for line in (_read(f"{self.v2}/memory.events") or "").splitlines():
+            v2 = self.v2
+            if not mem and os.path.exists(f"{v2}/memory.max"):
+                peak = int(_read(f"{v2}/memory.peak") or 0) or None  # Linux 5.19+
+                limit = self.limits.memory
+            for line in (_read(f"{v2}/memory.events") or "").splitlines():
                 if line.startswith("oom_kill "):
                     oom = max(oom, int(line.split()[1]))
+            if not acct:  # cpu.stat's usage lines exist on every v2 cgroup, controller or not
+                for line in (_read(f"{v2}/cpu.stat") or "").splitlines():
+                    k, _, val = line.partition(" ")
+                    if k == "user_usec":
+                        user = int(val) / 1e6
+                    elif k == "system_usec":
+                        system = int(val) / 1e6
+            if not pids:
+                for line in (_read(f"{v2}/pids.events") or "").splitlines():
+                    if line.startswith("max "):
+                        hits = int(line.split()[1])
         return Stats(peak, limit, oom, user, system, hits, self.limits.pids)
 
     def kill_all(self) -> int:
@@ -346,23 +376,27 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
     name = run.next_name()
     dirs: dict[str, str] = {}
     made: list[str] = []
-    wanted = set(limits.controllers()) | ({"memory", "cpuacct", "pids"} & set(h.v1))
+    limited = limits.controllers()
+
+    def refuse(where: str, ctrl: str, why: str) -> None:
+        if ctrl not in limited:
+            return  # only accounting was lost
+        if strict:
+            raise CgroupNotWritable(where, why)
+        degr.append(CgroupSkipped(where, why))
+
+    wanted = set(limited) | ({"memory", "cpuacct", "pids"} & set(h.v1))
+    on_v2: list[str] = []  # limits whose controller has no v1 hierarchy
     try:
         for ctrl in sorted(wanted):
             base = h.v1.get(ctrl)
             if base is None:
-                if ctrl in limits.controllers():
-                    why = f"no {ctrl} controller is mounted (cgroup {h.kind()})"
-                    if strict:
-                        raise CgroupNotWritable(ctrl, why)
-                    degr.append(CgroupSkipped(ctrl, why))
+                if ctrl in limited:
+                    on_v2.append(ctrl)
                 continue
             why = _can_write(base)
             if why is not None:
-                if strict and ctrl in limits.controllers():
-                    raise CgroupNotWritable(base, why)
-                if ctrl in limits.controllers():
-                    degr.append(CgroupSkipped(base, why))
+                refuse(base, ctrl, why)
                 continue
             run_dir = os.path.join(base, RUN_PREFIX + run.id)
             os.makedirs(run_dir, exist_ok=True)
@@ -371,17 +405,31 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
             made.append(d)
             dirs[ctrl] = d
         v2 = None
-        if h.v2 is not None and _can_write(h.v2) is None:
+        v2_why = _can_write(h.v2) if h.v2 is not None else None
+        if h.v2 is not None and v2_why is None:
             # Grouping on the unified hierarchy: born there (CLONE_INTO_CGROUP), and
-            # cgroup.kill ends every process at once.  Its controllers, if delegated,
-            # are not used yet: the limits go to v1.
+            # cgroup.kill ends every process at once; limits go there when their
+            # controller is delegated and no v1 hierarchy has it.
             run_dir = os.path.join(h.v2, RUN_PREFIX + run.id)
             os.makedirs(run_dir, exist_ok=True)
+            failed = _v2_delegate(h, run_dir, on_v2) if on_v2 else {}
+            for ctrl, why in failed.items():
+                refuse(h.v2, ctrl, why)
+            on_v2 = [c for c in on_v2 if c not in failed]
             v2 = os.path.join(run_dir, name)
             os.mkdir(v2)
             made.append(v2)
+        else:
+            for ctrl in on_v2:
+                if h.v2 is None:
+                    refuse(ctrl, ctrl, f"no {ctrl} controller is mounted: no v1 hierarchy has it and there is no cgroup2 hierarchy")
+                else:
+                    refuse(h.v2, ctrl, f"no v1 {ctrl} hierarchy, and the v2 cgroup cannot be written: {v2_why}")
+            on_v2 = []
         cg = SandboxCgroup(dirs, v2, limits)
         _apply_v1(cg, limits)
+        if v2 is not None and on_v2:
+            _apply_v2(v2, limits, on_v2)
         cg.open_for_spawn()
         return cg, degr
     except BaseException:
@@ -391,6 +439,78 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
             except OSError:
                 pass
         raise
+
+
+def _errname(e: OSError) -> str:
+    return f"{_errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})"
+
+
+def _v2_delegate(h: Hierarchy, run_dir: str, ctrls: list[str]) -> dict[str, str]:
+    """Enable ``ctrls`` from the own v2 cgroup down to ``run_dir``; the ones that cannot be
+    enabled, with the reason and its fix."""
+    assert h.v2 is not None
+    base = h.v2
+    avail = h.v2_controllers()
+    failed: dict[str, str] = {}
+    for c in ctrls:
+        if c not in avail:
+            failed[c] = (
+                f"no v1 {c} hierarchy, and {c} is not delegated to the v2 cgroup {base} (its cgroup.controllers: "
+                f"{' '.join(sorted(avail)) or 'none'}); fix: enable it in the parent's cgroup.subtree_control, "
+                "or run under a delegated cgroup (systemd-run --scope -p Delegate=yes ...)"
+            )
+    want = [c for c in ctrls if c not in failed]
+    enabled = set((_read(f"{base}/cgroup.subtree_control") or "").split())
+    todo = [c for c in want if c not in enabled]
+    if todo:
+        try:
+            if h.v2_root is not None and os.path.realpath(base) != os.path.realpath(h.v2_root):
+                _move_to_leaf(base)  # no internal processes: a cgroup that delegates has none
+            _write(f"{base}/cgroup.subtree_control", " ".join("+" + c for c in todo))
+        except OSError as e:
+            for c in todo:
+                failed[c] = f"enabling {c} in {base}/cgroup.subtree_control failed: {_errname(e)}"
+            want = [c for c in want if c not in todo]
+    if want:
+        enabled = set((_read(f"{run_dir}/cgroup.subtree_control") or "").split())
+        todo = [c for c in want if c not in enabled]
+        if todo:
+            try:
+                _write(f"{run_dir}/cgroup.subtree_control", " ".join("+" + c for c in todo))
+            except OSError as e:
+                for c in todo:
+                    failed[c] = f"enabling {c} in {run_dir}/cgroup.subtree_control failed: {_errname(e)}"
+    return failed
+
+
+def _move_to_leaf(base: str) -> None:
+    """Move every process of the v2 cgroup ``base`` into ``base/incarnate_leaf``."""
+    leaf = os.path.join(base, LEAF)
+    os.makedirs(leaf, exist_ok=True)
+    for _ in range(100):  # a process may fork while the others move
+        pids = (_read(f"{base}/cgroup.procs") or "").split()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                _write(f"{leaf}/cgroup.procs", pid)
+            except ProcessLookupError:
+                pass
+    raise OSError(_errno.EBUSY, f"processes keep appearing in {base}/cgroup.procs while moving them to {leaf}")
+
+
+def _apply_v2(d: str, limits: Limits, ctrls: list[str]) -> None:
+    if "memory" in ctrls and limits.memory is not None:
+        _write(f"{d}/memory.max", str(limits.memory))
+        if os.path.exists(f"{d}/memory.swap.max"):
+            _write(f"{d}/memory.swap.max", "0")  # swap off, as on v1
+    if "pids" in ctrls and limits.pids is not None:
+        _write(f"{d}/pids.max", str(limits.pids))
+    if "cpu" in ctrls and limits.cpu_quota is not None:
+        period = 100_000
+        _write(f"{d}/cpu.max", f"{max(1000, int(limits.cpu_quota * period))} {period}")
+    if "cpuset" in ctrls and limits.cpus is not None:
+        _write(f"{d}/cpuset.cpus", limits.cpus)  # v2 cpusets inherit mems; no copy as on v1
 
 
 def _apply_v1(cg: SandboxCgroup, limits: Limits) -> None:

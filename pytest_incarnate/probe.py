@@ -162,24 +162,37 @@ def _why(err: int) -> str:
 
 
 def _cgroup_items() -> list[Capability]:
-    """Which limits can be had: a writable v1 controller (v2 controllers are not used yet)."""
+    """Which limits can be had: a writable v1 controller, or one delegated on v2; and whether
+    the v2 hierarchy can group sandboxes (and which controllers it delegates)."""
     from pytest_incarnate import cgroups
 
     h = cgroups.Hierarchy.detect()
+    delegated = h.v2_controllers()
+    v2_why = cgroups._can_write(h.v2) if h.v2 is not None else "no cgroup2 hierarchy is mounted"
     out = []
     for name, ctrl in (("cgroup.memory", "memory"), ("cgroup.pids", "pids"), ("cgroup.cpu", "cpu"), ("cgroup.cpuset", "cpuset")):
         d = h.v1.get(ctrl)
-        if d is None:
-            why = f"no cgroup v1 {ctrl} controller is mounted (hierarchy: {h.kind()}; v2 controllers are not used yet)"
-            out.append(Capability(name, False, why, f"mount the v1 {ctrl} controller"))
-            continue
-        why = cgroups._can_write(d)
-        out.append(Capability(name, why is None, why or "", via="v1"))
+        if d is not None:
+            why = cgroups._can_write(d)
+            out.append(Capability(name, why is None, why or "", via="v1"))
+        elif ctrl in delegated and v2_why is None:
+            out.append(Capability(name, True, via=f"v2, delegated to {h.v2}"))
+        elif h.v2 is not None and ctrl in delegated:
+            out.append(Capability(name, False, f"{ctrl} is delegated on v2 but {v2_why}",
+                                  "make the own cgroup writable (delegate it to this user)"))
+        else:
+            why = (f"no v1 {ctrl} hierarchy, and {ctrl} is not delegated to the v2 cgroup {h.v2} "
+                   f"(its cgroup.controllers: {' '.join(sorted(delegated)) or 'none'}; hierarchy: {h.kind()})"
+                   if h.v2 is not None else f"no {ctrl} controller is mounted (hierarchy: {h.kind()})")
+            out.append(Capability(name, False, why,
+                                  "enable it in the parent's cgroup.subtree_control, or run under a delegated cgroup "
+                                  "(systemd-run --scope -p Delegate=yes ...)"))
     if h.v2 is None:
         out.append(Capability("cgroup.v2", False, "no cgroup2 hierarchy is mounted", "mount -t cgroup2 none /sys/fs/cgroup/unified"))
     else:
-        why = cgroups._can_write(h.v2)
-        out.append(Capability("cgroup.v2", why is None, why or "", via="grouping, CLONE_INTO_CGROUP, cgroup.kill"))
+        out.append(Capability("cgroup.v2", v2_why is None, v2_why or "",
+                              via=f"{h.kind()}: grouping, CLONE_INTO_CGROUP, cgroup.kill; delegated controllers: "
+                                  f"{' '.join(sorted(delegated)) or 'none'}"))
     return out
 
 

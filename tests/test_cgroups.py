@@ -1,6 +1,9 @@
-"""Resource limits on real cgroups: this machine has v1 controllers and a v2 hierarchy with none,
-so limits are tested on v1, and grouping, CLONE_INTO_CGROUP and cgroup.kill on v2. What this
-machine cannot exercise: v2 controllers (memory.max, pids.max, cpu.max) and their delegation."""
+"""Resource limits on real cgroups: this machine has v1 controllers and a v2 hierarchy whose only
+controller is hugetlb, so limits are tested on v1; on v2, grouping, CLONE_INTO_CGROUP,
+cgroup.kill, and the delegation path (the move into a leaf, subtree_control down to the run)
+with hugetlb. What this machine cannot exercise: writing v2 limits (memory.max, memory.swap.max,
+pids.max, cpu.max, cpuset.cpus) and reading their events (memory.events, pids.events) with a
+controller enabled."""
 
 from __future__ import annotations
 
@@ -148,13 +151,133 @@ def test_read_only_cgroupfs_strict_and_not(tmp_path):
     assert "read-only" in got["degr"][0][1]
 
 
-def _mountpoints() -> list[str]:
+def test_no_controller_anywhere_degrades_or_refuses(tmp_path):
+    """The v1 memory, pids and cpuacct hierarchies unmounted for real in a private mount
+    namespace; the v2 hierarchy here does not have them either: the limits are skipped, saying
+    why and how to fix it, or refused when strict; the probe says no with the same reason; CPU
+    time still comes from the v2 cgroup's cpu.stat."""
+    script = tmp_path / "nomem.py"
+    script.write_text(textwrap.dedent(
+        """
+        import json
+        from pytest_incarnate import Sandbox, Spec
+        from pytest_incarnate.errors import CgroupNotWritable
+        from pytest_incarnate.probe import probe
+        out = {}
+        try:
+            Sandbox(Spec(memory="64M", strict=True)).run(["/bin/true"])
+        except CgroupNotWritable as e:
+            out["strict"] = str(e)
+        r = Sandbox(Spec(memory="64M", pids=16)).run(["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+        out["rc"] = r.returncode
+        out["degr"] = [[type(d).__name__, d.describe()] for d in r.degradations]
+        out["cpu"] = [r.stats.cpu_user, r.stats.cpu_system]
+        caps = probe()
+        out["probe"] = {k: [caps[k].granted, caps[k].reason, caps[k].fix] for k in ("cgroup.memory", "cgroup.pids")}
+        print(json.dumps(out))
+        """
+    ))
+    if "memory" in H.v2_controllers() or "pids" in H.v2_controllers():
+        pytest.skip("this machine's v2 hierarchy has memory or pids: nothing to take away")
+    umount = " && ".join(f"umount {m}" for m in _mountpoints(("memory", "pids", "cpuacct")))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{umount} && exec {PY} {script}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert "not delegated to the v2 cgroup" in got["strict"] and "memory" in got["strict"]
+    assert got["rc"] == 0
+    assert sorted(d[0] for d in got["degr"]) == ["CgroupSkipped", "CgroupSkipped"]
+    assert any("memory is not delegated" in d[1] for d in got["degr"])
+    assert any("pids is not delegated" in d[1] for d in got["degr"])
+    assert got["cpu"][0] > 0.01 and got["cpu"][1] is not None  # CPU time from v2's cpu.stat, without cpuacct
+    for ok, reason, fix in got["probe"].values():
+        assert not ok and "not delegated" in reason and "subtree_control" in fix
+
+
+@pytest.mark.skipif(H.v2 is None or "hugetlb" not in H.v2_controllers(), reason="needs hugetlb delegated on cgroup v2")
+def test_v2_delegation_moves_the_own_cgroup_into_a_leaf(tmp_path):
+    """The v2 delegation path for real, with the one controller this machine's v2 hierarchy has
+    (hugetlb): a process in a v2 cgroup of its own, beside a child, asks for a controller; both
+    are moved into the leaf (no internal processes), the controller is enabled down to the run
+    directory, and a controller that is not delegated (memory) is named with its fix."""
+    root_ctl = os.path.join(H.v2_root, "cgroup.subtree_control")
+    with open(root_ctl) as f:
+        enabled_before = "hugetlb" in f.read().split()
+    if not enabled_before:  # delegate it to the root's children for this test; undone below
+        with open(root_ctl, "w") as f:
+            f.write("+hugetlb")
+    base = os.path.join(H.v2, f"t-delegation-{os.getpid()}")
+    os.mkdir(base)
+    script = tmp_path / "deleg.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import json, os
+        with open({base!r} + "/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        from pytest_incarnate import cgroups, Sandbox, Spec
+        h = cgroups.Hierarchy.detect()
+        run = cgroups.Run.current()
+        run_dir = os.path.join(h.v2, cgroups.RUN_PREFIX + run.id)
+        os.makedirs(run_dir, exist_ok=True)
+        failed = cgroups._v2_delegate(h, run_dir, ["hugetlb", "memory"])
+        def cg(pid):
+            with open(f"/proc/{{pid}}/cgroup") as f:
+                return [l.strip()[3:] for l in f if l.startswith("0::")][0]
+        sub = os.path.join(run_dir, "probe")
+        os.mkdir(sub)
+        out = dict(base=h.v2, failed=failed, me=cg(os.getpid()), child=cg(child),
+                   base_procs=open({base!r} + "/cgroup.procs").read().split(),
+                   base_ctl=open({base!r} + "/cgroup.subtree_control").read().split(),
+                   run_ctl=open(run_dir + "/cgroup.subtree_control").read().split(),
+                   hugetlb_files=any(n.startswith("hugetlb.") for n in os.listdir(sub)),
+                   again=cgroups.Hierarchy.detect().v2)
+        os.rmdir(sub)
+        res = Sandbox(Spec()).run(["/bin/true"])   # a sandbox still works from the leaf
+        out["rc"] = res.returncode
+        os.close(w)
+        os.waitpid(child, 0)
+        print(json.dumps(out))
+        """
+    ))
+    try:
+        proc = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        rel = base[len(H.v2_root):]
+        assert got["base"] == base and got["again"] == base  # the leaf's parent stays the own cgroup
+        assert got["me"] == got["child"] == f"{rel}/incarnate_leaf"
+        assert got["base_procs"] == []
+        assert "hugetlb" in got["base_ctl"] and "hugetlb" in got["run_ctl"]
+        assert got["hugetlb_files"]
+        assert list(got["failed"]) == ["memory"] and "not delegated" in got["failed"]["memory"]
+        assert got["rc"] == 0
+    finally:
+        for d in sorted((os.path.join(dp) for dp, _, _ in os.walk(base)), key=len, reverse=True):
+            os.rmdir(d)
+        if not enabled_before:
+            with open(root_ctl, "w") as f:
+                f.write("-hugetlb")
+    assert not os.path.exists(base)
+
+
+def _mountpoints(controllers: tuple[str, ...] = ()) -> list[str]:
+    """The cgroup mount points (only the v1 ones of ``controllers``, when given)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            if right.split()[0] in ("cgroup", "cgroup2"):
-                out.append(left.split()[4])
+            fstype, _, opts = right.split()[:3]
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            if controllers and not set(opts.split(",")) & set(controllers):
+                continue
+            out.append(left.split()[4])
     return out
 
 
