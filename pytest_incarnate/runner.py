@@ -3,42 +3,118 @@
 Setup and teardown (fixtures) stay in the pytest process.  The call phase runs in a forked
 child that enters the incarnation; there the usual hooks build the call report (so
 assertion rewriting, xfail, skip and captured output behave as without the plugin), and
-the report crosses the process boundary with ``pytest_report_to_serializable``.
+the report crosses the process boundary with ``pytest_report_to_serializable``.  Warnings
+recorded inside, and coverage data measured inside, travel with it and are replayed in the
+pytest process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import linecache
 import os
-
+import pickle
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from pytest_incarnate.errors import NamespaceSkipped, SandboxCrashed, SandboxTimeout
+from pytest_incarnate.errors import Degradation, IncarnateError, SandboxCrashed, SandboxTimeout, SpecError
+from pytest_incarnate.options import Settings
 from pytest_incarnate.sandbox import Sandbox, forked_enter, signal_name
 from pytest_incarnate.spec import Bind, Spec
 
+SETTINGS = pytest.StashKey[Settings]()
 IN_CHILD = pytest.StashKey[bool]()
 CHILD_REPORT = pytest.StashKey[Any]()
 CRASH = pytest.StashKey[SandboxCrashed]()
 CHANGES = pytest.StashKey[Any]()
 STATS = pytest.StashKey[Any]()
+RECORD = pytest.StashKey["IsolationRecord"]()
+
+_EXTRA = "_incarnate_extra"  # the child's warnings and coverage data, beside its report
+
 
 class SandboxedCallDone(pytest.skip.Exception):  # type: ignore[misc,name-defined]
     """Raised in the parent once the child's report is in; never shown to users (the
     report it would make is replaced by the child's)."""
 
+
+@dataclass
+class IsolationRecord:
+    """What a sandboxed test asked for, was granted and used: the ledger's line, the
+    ``pytest_incarnate_result`` hook's argument, and the report's ``incarnate`` attribute."""
+
+    nodeid: str
+    spec: dict[str, Any]
+    namespaces: list[str] = field(default_factory=list)
+    root: str = ""
+    degradations: list[dict[str, str]] = field(default_factory=list)
+    decision: str = "run"              # what the degradations did: run, skip, xfail, fail
+    stats: dict[str, Any] | None = None
+    changes: dict[str, int] | None = None
+    duration: float = 0.0
+    outcome: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def settings_of(config: pytest.Config) -> Settings:
+    return config.stash.get(SETTINGS, Settings())
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (frozenset, set)):
+        return sorted(_jsonable(x) for x in v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict) or hasattr(v, "items"):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    return str(v)
+
+
+def spec_summary(spec: Spec) -> dict[str, Any]:
+    """The Spec's fields that differ from the defaults, as JSON values."""
+    default = Spec()
+    return {f.name: _jsonable(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+            if getattr(spec, f.name) != getattr(default, f.name)}
+
+
 def spec_for(item: pytest.Item) -> Spec:
-    """The Spec for an item: its ``incarnate`` marker's keywords, plus a read-write bind
-    of the test's tmp_path when it uses one."""
+    """The Spec for an item: ini, command line and marker keywords merged (marker first),
+    adjusted by ``pytest_incarnate_adjust_spec``, plus a read-write bind of the test's
+    tmp_path when it uses one.  A bad value fails the test naming where it came from."""
+    __tracebackhide__ = True
     marker = item.get_closest_marker("incarnate")
-    kwargs: dict[str, Any] = dict(marker.kwargs) if marker else {}
     if marker and marker.args:
         raise pytest.UsageError(
-            f"{item.nodeid}: @pytest.mark.incarnate takes keywords only (the Spec's fields), got {marker.args!r}"
+            f"{item.nodeid}: @pytest.mark.incarnate takes keywords only (the Spec's fields), or a single False "
+            f"to opt out; got {marker.args!r}"
         )
-    spec = Spec.from_kwargs("@pytest.mark.incarnate", **kwargs)
+    kwargs, origin = settings_of(item.config).spec_kwargs(dict(marker.kwargs) if marker else {})
+    before = dict(kwargs)
+    item.ihook.pytest_incarnate_adjust_spec(item=item, kwargs=kwargs)
+    for k in kwargs:
+        if k not in before or kwargs[k] is not before[k]:
+            origin[k] = "pytest_incarnate_adjust_spec"
+    problem = None
+    try:
+        spec = Spec.from_kwargs("Spec", **kwargs)
+    except SpecError as e:
+        problem = f"{origin.get(e.field, '@pytest.mark.incarnate')}: {e}"
+    except IncarnateError as e:
+        problem = str(e)
+    if problem is not None:
+        pytest.fail(f"incarnate: {problem}", pytrace=False)
     funcargs = getattr(item, "funcargs", {})
     extra = []
     # The project stays readable inside (tracebacks read its source) even when it lives
@@ -55,40 +131,181 @@ def spec_for(item: pytest.Item) -> Spec:
         spec = spec.replace(binds=tuple(spec.binds) + tuple(extra))
     return spec
 
+
 def _warm_linecache(item: pytest.Item) -> None:
     path = getattr(item, "path", None)
     if path is not None:
         linecache.getlines(str(path))
 
-def _child_body(item: pytest.Item) -> Any:
-    item.stash[IN_CHILD] = True
-    call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
-    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
-    return item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
 
-def run_call_sandboxed(item: pytest.Item) -> None:
-    """Run ``item``'s call phase inside; raise SandboxedCallDone once the report is in."""
-    sandbox = Sandbox(spec_for(item))
-    _warm_linecache(item)
-    plan = sandbox.plan()
-    missing = [d for d in plan.degradations if isinstance(d, NamespaceSkipped)]
-    if missing:
-        reason = "incarnate: " + "; ".join(d.describe() for d in missing)
+def _coverage() -> Any:
+    """The coverage.py measurement running in this process (pytest-cov's), if any."""
+    import sys
+
+    if "coverage" not in sys.modules:
+        return None
+    try:
+        return sys.modules["coverage"].Coverage.current()
+    except Exception:  # noqa: BLE001 - an old or odd coverage: no relay
+        return None
+
+
+def _child_body(item: pytest.Item) -> Any:
+    """In the sandbox: run the call phase, build its report, and add what must be replayed
+    in the pytest process (warnings recorded here, coverage data measured here)."""
+    item.stash[IN_CHILD] = True
+    with warnings.catch_warnings(record=True) as caught:
+        call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
+        report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+        if call.excinfo is not None and report.failed and item.config.getoption("usepdb", False):
+            # --pdb: the post-mortem runs here, inside the sandbox, on the inherited terminal.
+            item.ihook.pytest_exception_interact(node=item, call=call, report=report)
+    data = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+    relayed = []
+    for w in caught:
+        category = w.category
+        try:
+            pickle.loads(pickle.dumps(category))
+        except Exception:  # noqa: BLE001 - a category defined in a local scope
+            category = UserWarning
+        relayed.append((str(w.message), category, w.filename, w.lineno))
+    cov_data = None
+    cov = _coverage()
+    if cov is not None:
+        try:
+            cov.stop()
+            cov_data = cov.get_data().dumps()
+        except Exception:  # noqa: BLE001 - coverage is best effort; the test's outcome is not
+            cov_data = None
+    data[_EXTRA] = {"warnings": relayed, "coverage": cov_data}
+    return data
+
+
+def _replay(extra: dict[str, Any]) -> None:
+    """In the pytest process: re-emit the child's warnings (pytest records them for the
+    test and the summary) and merge its coverage data into the running measurement."""
+    for message, category, filename, lineno in extra.get("warnings", ()):
+        warnings.warn_explicit(message, category, filename, lineno)
+    data = extra.get("coverage")
+    cov = _coverage() if data else None
+    if cov is not None:
+        try:
+            from coverage import CoverageData
+
+            other = CoverageData(no_disk=True)
+            other.loads(data)
+            cov.get_data().update(other)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"incarnate: the coverage data of a sandboxed test could not be merged: {e!r}", stacklevel=1)
+
+
+def decide(item: pytest.Item, degradations: tuple[Degradation, ...]) -> str:
+    """What the degradations do to this test: the hook's answer, or the policy."""
+    policy = settings_of(item.config).on_degraded
+    answer = item.ihook.pytest_incarnate_degraded(item=item, degradations=degradations, policy=policy)
+    if answer is None:
+        return policy
+    if answer not in ("skip", "xfail", "fail", "run"):
+        raise pytest.UsageError(f"pytest_incarnate_degraded returned {answer!r}; expected skip, xfail, fail, run or None")
+    return str(answer)
+
+
+def apply_policy(decision: str, reason: str) -> None:
+    """Skip, xfail or fail the running test with ``reason`` (nothing for "run")."""
+    __tracebackhide__ = True
+    if decision == "skip":
         try:
             raise pytest.skip.Exception(reason, _use_item_location=True)
         except TypeError:  # pragma: no cover - a pytest without the keyword
             pytest.skip(reason)
+    elif decision == "xfail":
+        pytest.xfail(reason)
+    elif decision == "fail":
+        pytest.fail(reason, pytrace=False)
+
+
+def run_call_sandboxed(item: pytest.Item) -> None:
+    """Run ``item``'s call phase inside; raise SandboxedCallDone once the report is in."""
+    __tracebackhide__ = True
+    spec = spec_for(item)
+    sandbox = Sandbox(spec)
+    record = IsolationRecord(item.nodeid, spec_summary(spec))
+    item.stash[RECORD] = record
+    _warm_linecache(item)
     try:
-        out = forked_enter(sandbox, lambda: _child_body(item))
+        plan = sandbox.plan()
+        cgroup = sandbox._cgroup()
+    except IncarnateError as e:  # strict: what the machine cannot grant is an error
+        record.decision = "fail"
+        pytest.fail(f"incarnate (strict): {type(e).__name__}: {e}", pytrace=False)
+    record.namespaces = list(plan.namespaces)
+    record.root = plan.root
+    degradations = plan.degradations + cgroup[1]
+    record.degradations = [{"type": type(d).__name__, "detail": d.describe()} for d in degradations]
+    if degradations:
+        record.decision = decide(item, degradations)
+        if record.decision != "run":
+            from pytest_incarnate.sandbox import _release_cgroup
+
+            _release_cgroup(cgroup[0])
+            apply_policy(record.decision, "incarnate: " + "; ".join(d.describe() for d in degradations))
+    t0 = time.monotonic()
+    try:
+        out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup)
     except SandboxCrashed as e:
+        record.duration = time.monotonic() - t0
         item.stash[CRASH] = e
         raise SandboxedCallDone("crashed") from None
+    record.duration = time.monotonic() - t0
     if out.kind != "ok":  # the reporting itself failed in the child
         raise out.value
+    new = out.plan.degradations[len(plan.degradations):]
+    if new:  # found while running (a refused clone retried with less): reported, not acted on
+        record.degradations += [{"type": type(d).__name__, "detail": d.describe()} for d in new]
     item.stash[CHANGES] = out.changes
     item.stash[STATS] = out.stats
-    item.stash[CHILD_REPORT] = out.value
+    if out.changes is not None:
+        record.changes = {k: len(out.changes.paths(k)) for k in ("created", "modified", "deleted", "metadata")}
+    if out.stats is not None:
+        record.stats = _jsonable(out.stats)
+    data = dict(out.value)
+    _replay(data.pop(_EXTRA, {}))
+    item.stash[CHILD_REPORT] = data
     raise SandboxedCallDone("done")
+
+
+def _keep_upper(item: pytest.Item, changes: Any) -> str | None:
+    """--incarnate-keep-upper: save a failed test's changes; where they went."""
+    where = settings_of(item.config).keep_upper
+    if where is None or changes is None:
+        return None
+    if where == "":
+        cache = getattr(item.config, "cache", None)
+        where = str(cache.mkdir("incarnate-upper")) if cache is not None else os.path.join(
+            str(item.config.rootpath), ".incarnate-upper")
+    dest = os.path.join(where, re.sub(r"[^\w.-]+", "_", item.nodeid).strip("_")[:200])
+    shutil.rmtree(dest, ignore_errors=True)
+    changes.save(dest)
+    return dest
+
+
+def _finish(item: pytest.Item, report: pytest.TestReport) -> pytest.TestReport:
+    """Attach the isolation record to the report (ledger, xdist) and to the test's JUnit
+    properties, and show it to the ``pytest_incarnate_result`` hook."""
+    record = item.stash.get(RECORD, None)
+    if record is None:
+        return report
+    del item.stash[RECORD]
+    record.outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+    report.incarnate = record.to_json()  # type: ignore[attr-defined]
+    props = [("incarnate.namespaces", " ".join(record.namespaces)), ("incarnate.root", record.root)]
+    if record.degradations:
+        props.append(("incarnate.degradations", "; ".join(d["detail"] for d in record.degradations)))
+        props.append(("incarnate.decision", record.decision))
+    item.user_properties.extend(props)  # JUnit XML takes them from the teardown report
+    item.ihook.pytest_incarnate_result(item=item, record=record)
+    return report
+
 
 def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestReport:
     """In the parent: the call report made in the child, or a failure naming the crash."""
@@ -102,7 +319,11 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
             # A failure that may come from refused forks says so.
             rep.sections.append(("incarnate", f"{stats.pids_limit_hits} fork(s) refused by the pids limit "
                                               f"(pids={stats.pids_limit})"))
-        return rep
+        if rep.failed:
+            kept = _keep_upper(item, item.stash.get(CHANGES, None))
+            if kept:
+                rep.sections.append(("incarnate", f"what the test wrote is kept in {kept}"))
+        return _finish(item, rep)
     crash = item.stash.get(CRASH, None)
     if crash is not None:
         del item.stash[CRASH]
@@ -117,6 +338,5 @@ def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestR
         else:
             msg = f"sandboxed test crashed: exited with status {crash.returncode} (os._exit or a fatal error) before reporting"
         report.longrepr = msg
-        return report
-    return report
-
+        return _finish(item, report)
+    return _finish(item, report)

@@ -801,12 +801,15 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
     return max(0, len(inside) - 1)  # not counting the init
 
 
-def forked_enter(sandbox: Sandbox, body: Callable[[], Any]) -> CallOutcome:
+def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = None,
+                 cgroup: tuple[cgroups.SandboxCgroup | None, tuple[Degradation, ...]] | None = None) -> CallOutcome:
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
-    and its filesystem changes back."""
-    cg, cg_degr = sandbox._cgroup()
+    and its filesystem changes back.  ``plan`` and ``cgroup`` (from ``Sandbox._cgroup``),
+    when given, were made beforehand (the plugin looks at their degradations first); the
+    cgroup is released here either way."""
+    cg, cg_degr = cgroup if cgroup is not None else sandbox._cgroup()
     try:
-        plan, out = sandbox._run_native(sandbox.plan(), lambda p: _run_forked(sandbox, p, cg, body))
+        plan, out = sandbox._run_native(plan or sandbox.plan(), lambda p: _run_forked(sandbox, p, cg, body))
     finally:
         stats = _release_cgroup(cg)
     return dataclasses.replace(out, plan=dataclasses.replace(plan, degradations=plan.degradations + cg_degr),

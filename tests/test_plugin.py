@@ -135,31 +135,93 @@ def test_bad_marker_keyword_fails_the_test_naming_it(pytester: pytest.Pytester) 
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*SpecError: hostnme: unknown @pytest.mark.incarnate keyword*"])
+    result.stdout.fnmatch_lines(["*incarnate: @pytest.mark.incarnate: hostnme: unknown Spec keyword*"])
+
+
+DEGRADED_SUITE = """
+import os, pytest
+
+@pytest.mark.incarnate(namespaces={"mount", "uts"})
+def test_needs_mount():
+    pass
+
+@pytest.mark.incarnate(namespaces={"user", "mount", "uts"})
+def test_with_userns():
+    with open("/proc/self/status") as f:
+        assert "NSpid" in f.read()
+"""
+
+# What each policy does to the two degraded tests (CAP_SYS_ADMIN dropped for real: a mount
+# namespace without a user namespace cannot be had; with one, the host root cannot be overlaid).
+POLICY_OUTCOMES = {
+    "skip": ({"skipped": 2}, ["SKIPPED * incarnate: mount namespace skipped: *CAP_SYS_ADMIN*",
+                              "SKIPPED * incarnate: copy-on-write root skipped*"]),
+    "xfail": ({"xfailed": 2}, ["XFAIL *test_needs_mount*incarnate: mount namespace skipped*",
+                               "XFAIL *test_with_userns*incarnate: copy-on-write root skipped*"]),
+    "fail": ({"failed": 2}, ["*_ test_needs_mount _*", "incarnate: mount namespace skipped*",
+                             "*_ test_with_userns _*", "incarnate: copy-on-write root skipped*"]),
+    "run": ({"passed": 2}, ["*test_needs_mount (run):", "    NamespaceSkipped: mount namespace skipped*",
+                            "*test_with_userns (run):", "    OverlaySkipped: copy-on-write root skipped*"]),
+}
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-def test_degraded_namespace_skips_with_reason(pytester: pytest.Pytester) -> None:
-    """CAP_SYS_ADMIN dropped for real: a mount namespace without a user namespace cannot
-    be had, so the test is skipped with the degradation as the reason."""
+@pytest.mark.parametrize("policy", list(POLICY_OUTCOMES))
+@pytest.mark.parametrize("where", ["cli", "ini"])
+def test_degradation_policy_with_capabilities_dropped(pytester: pytest.Pytester, policy: str, where: str) -> None:
+    """Each policy gives its documented outcome, with the degradation as the reason, set on
+    the command line or in the ini file."""
+    pytester.makepyfile(DEGRADED_SUITE)
+    args = ["-rsxf", "-p", "no:cacheprovider"]
+    if where == "cli":
+        args.append(f"--incarnate-on-degraded={policy}")
+    else:
+        pytester.makeini(f"[pytest]\nincarnate_on_degraded = {policy}\n")
+    result = pytester.run("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin",
+                          sys.executable, "-m", "pytest", *args, str(pytester.path))
+    outcomes, lines = POLICY_OUTCOMES[policy]
+    result.assert_outcomes(**outcomes)
+    result.stdout.fnmatch_lines(lines, consecutive=False) if policy != "run" else result.stdout.fnmatch_lines(
+        ["*= incarnate: degradations =*", *lines])
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_degraded_hook_decides_per_test(pytester: pytest.Pytester) -> None:
+    """pytest_incarnate_degraded (firstresult) overrides the policy: here a read-only root is
+    acceptable, a missing namespace is not."""
+    pytester.makepyfile(DEGRADED_SUITE)
+    pytester.makeconftest(
+        """
+        from pytest_incarnate.errors import OverlaySkipped
+
+        def pytest_incarnate_degraded(item, degradations, policy):
+            assert policy == "skip"
+            if all(isinstance(d, OverlaySkipped) for d in degradations):
+                return "run"
+        """
+    )
+    result = pytester.run("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin",
+                          sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(pytester.path))
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED * incarnate: mount namespace skipped: *CAP_SYS_ADMIN*"])
+
+
+def test_user_namespaces_disabled_skip_with_the_sysctl_fix(pytester: pytest.Pytester) -> None:
+    """user.max_user_namespaces set to 0 for real (inside an outer user namespace, whose
+    mapped root cannot overlay the host root nor make a nested user namespace)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
     pytester.makepyfile(
         """
         import pytest
 
-        @pytest.mark.incarnate(namespaces={"mount", "uts"})
-        def test_needs_mount():
-            pass
-
-        @pytest.mark.incarnate(namespaces={"user", "mount", "uts"})
-        def test_with_userns():
+        @pytest.mark.incarnate(namespaces={"user", "mount"}, copy_on_write=False)
+        def test_it():
             pass
         """
     )
-    result = pytester.run(
-        "setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin",
-        sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(pytester.path),
-    )
-    result.stdout.fnmatch_lines([
-        "SKIPPED * incarnate: mount namespace skipped: *CAP_SYS_ADMIN*",
-        "*1 passed, 1 skipped*",
-    ])
+    result = pytester.run("unshare", "--user", "--map-root-user", "sh", "-c",
+                          'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh",
+                          sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(pytester.path))
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED * incarnate: user namespace skipped: *max_user_namespaces*"])
