@@ -385,10 +385,38 @@ static int child_read_go(const struct inc_child *cx)
     return n == 1 && go == 'g' ? 0 : -1;
 }
 
-static int child_unshare(struct inc_child *cx, int flags, int index)
+/* Write a whole small file (a /proc/self map), failing on a short write. */
+static int child_write_file(const char *path, const char *data)
 {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = c_strlen(data);
+    ssize_t w = write(fd, data, len);
+    int e = errno;
+    close(fd);
+    if (w != (ssize_t)len) {
+        errno = w < 0 ? e : EIO;
+        return -1;
+    }
+    return 0;
+}
+
+static int child_unshare(struct inc_child *cx, const struct inc_op *op, int index)
+{
+    int flags = op->ival;
     if (unshare(flags) < 0)
         return -1;
+    if ((flags & CLONE_NEWUSER) && (op->flags & INC_UNSHARE_SELF_MAP)) {
+        /* A nested user namespace (entered after the mounts, which the kernel then locks):
+         * the child maps its own single id (the only map it may write), prepared by the
+         * parent as text in a (uid) and b (gid). */
+        if (child_write_file("/proc/self/setgroups", "deny") < 0 && errno != ENOENT)
+            return -1;
+        if (child_write_file("/proc/self/uid_map", op->a) < 0 || child_write_file("/proc/self/gid_map", op->b) < 0)
+            return -1;
+        return 0;
+    }
     if (flags & CLONE_NEWUSER) {
         struct inc_record rec = {INC_STEP_MAPS_REQUEST, 0, index, 0};
         c_write_all(cx->err_w, &rec, sizeof rec);
@@ -426,7 +454,7 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
 {
     switch (op->kind) {
     case INC_OP_UNSHARE:
-        return child_unshare(cx, op->ival, index);
+        return child_unshare(cx, op, index);
     case INC_OP_RLIMIT: {
         struct rlimit rl = {(rlim_t)op->v1, (rlim_t)op->v2};
         return setrlimit(op->ival, &rl);
@@ -652,6 +680,12 @@ static void child_enter_cgroups(const struct inc_spec *spec, const struct inc_ch
             child_fail(cx, INC_STEP_CGROUP, errno, i);
         close(spec->cgroup_procs_fds[i]);
     }
+    /* The sandbox keeps no way to its cgroup directories: from the v2 directory's fd a
+     * payload could walk up to the host's cgroup.procs (enter mode keeps the caller's fds). */
+    if (spec->cgroup_dirfd >= 0)
+        close(spec->cgroup_dirfd);
+    if (spec->cgroup_v2_procs_fd >= 0)
+        close(spec->cgroup_v2_procs_fd);
 }
 
 /* Runs in the cloned child.  Returns only in enter mode, in the payload. */
@@ -725,6 +759,10 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
             _exit(0);   /* a trial: the ops were the point */
         child_exec(spec, cx);
     }
+    /* Enter mode: a session of its own, so that the caller's terminal is not its
+     * controlling terminal (no TIOCSTI into it, no /dev/tty). */
+    if (spec->setsid_payload && setsid() < 0)
+        child_fail(cx, INC_STEP_SETSID, errno, -1);
     close(cx->err_w);
 }
 

@@ -57,6 +57,7 @@ enum inc_op_kind {
 #define INC_BIND_CREATE  0x2   /* create the target (and its parents) if missing */
 #define INC_BIND_REC     0x4   /* recursive bind (submounts too) */
 #define INC_DROP_SETGROUPS 0x1
+#define INC_UNSHARE_SELF_MAP 0x1 /* INC_OP_UNSHARE with CLONE_NEWUSER: map the own id (a, b) */
 
 struct inc_op {
     int kind;

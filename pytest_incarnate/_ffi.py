@@ -72,6 +72,7 @@ BIND_RO = lib.INC_BIND_RO
 BIND_CREATE = lib.INC_BIND_CREATE
 BIND_REC = lib.INC_BIND_REC
 DROP_SETGROUPS = lib.INC_DROP_SETGROUPS
+UNSHARE_SELF_MAP = lib.INC_UNSHARE_SELF_MAP
 
 # The strings each op kind reads in the child (a NULL there would crash it).
 _REQUIRED = {

@@ -186,6 +186,9 @@ def own_tree_ops(spec, plan) -> tuple[list[Op], Layout]:  # type: ignore[no-unty
     return ops, Layout(layers=tuple(layers))
 
 
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+
+
 def standard_ops(spec, plan, *, overlay: bool) -> list[Op]:  # type: ignore[no-untyped-def]
     """/proc, /dev (minimal, or the host's read-only), read-only /sys, the hidden paths:
     inside /newroot, whatever the root (over the host's read-only root they cover what the
@@ -195,6 +198,12 @@ def standard_ops(spec, plan, *, overlay: bool) -> list[Op]:  # type: ignore[no-u
     create = BIND_CREATE  # made in the upper layer, or in a tmpfs; on a read-only root they exist
     if spec.mount_proc and "pid" in ns:
         ops.append(Op("mount-proc", b=NEW + "/proc", flags=create, path="/proc"))
+        # Host-wide knobs that /proc checks by uid alone (a root caller is uid 0 inside):
+        # read-only, and locked with the rest once the user namespace is entered.
+        for p in PROC_READONLY:
+            if os.path.exists("/proc/" + p):
+                ops.append(Op("bind", a=f"{NEW}/proc/{p}", b=f"{NEW}/proc/{p}", flags=BIND_RO | BIND_REC,
+                              path=f"/proc/{p}", detail="read-only"))
     if spec.dev == "host" and overlay:
         ops.append(Op("bind", a=OLD + "/dev", b=NEW + "/dev", flags=BIND_RO | BIND_REC | create, path="/dev"))
     if spec.dev == "minimal":

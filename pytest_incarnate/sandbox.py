@@ -67,16 +67,30 @@ class Plan:
     gid_map: str | None
     setgroups_deny: bool
     root: str = "readonly"
-    overlay_first: bool = False  # overlay as real root, then enter the user namespace
+    overlay_first: bool = False  # build the root as real root, then enter the user namespace
     cpus: frozenset[int] = frozenset()  # the CPU affinity to set (empty: leave it)
+    proc: bool = True  # a fresh /proc is mounted (the nested user namespace maps itself through it)
+
+    @property
+    def relock(self) -> bool:
+        """The mounts are made inside the user namespace (no real root): a nested user
+        namespace is entered after them, so that the kernel locks them (the payload cannot
+        remount a read-only mount read-write, nor unmount what covers the host)."""
+        return "user" in self.namespaces and "mount" in self.namespaces and "pid" in self.namespaces \
+            and self.proc and not self.overlay_first
 
     @property
     def late_namespaces(self) -> tuple[str, ...]:
-        """Namespaces entered with unshare after the root is built (owned by the new user
-        namespace): only for the copy-on-write root, which must be overlaid first."""
-        if self.root != "overlay" or "user" not in self.namespaces or not self.overlay_first:
+        """Namespaces entered with unshare after the root is built, owned by the user
+        namespace entered then: the user namespace itself when real root builds the root
+        first; the others when the user namespace is re-entered to lock the mounts."""
+        if "user" not in self.namespaces:
             return ()
-        return tuple(n for n in self.namespaces if n in LATE_NS)
+        if self.overlay_first:
+            return tuple(n for n in self.namespaces if n in LATE_NS)
+        if self.relock:
+            return tuple(n for n in self.namespaces if n in LATE_NS and n != "user")
+        return ()
 
     @property
     def clone_namespaces(self) -> tuple[str, ...]:
@@ -160,7 +174,9 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
                     root = "own-trees"
                     reason += "; the caller's own trees (home, project) are copy-on-write, the rest read-only"
                 degr.append(OverlaySkipped(reason))
-    overlay_first = root == "overlay" and caps["overlay.root"].granted
+    # Real root builds the root (copy-on-write or read-only) before it enters the user
+    # namespace: the mounts are then locked for the payload.
+    overlay_first = root in ("overlay", "readonly") and "user" in granted and caps["overlay.root"].granted
     cpus: frozenset[int] = frozenset()
     if spec.cpu_affinity is not None:
         allowed = frozenset(os.sched_getaffinity(0))
@@ -171,7 +187,7 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
             if spec.strict:
                 raise SpecError("cpu_affinity", sorted(spec.cpu_affinity), why)
             degr.append(CpuAffinitySkipped(why + ("; using " + str(sorted(cpus)) if cpus else "; affinity left as it is")))
-    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first, cpus)
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first, cpus, spec.mount_proc)
 
 
 def _ancestors(path: str) -> list[str]:
@@ -205,7 +221,7 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
                 ops.append(Op("bind", a=old + root_src.rstrip("/") if root_src != "/" else old, b=new,
                               flags=BIND_RO | BIND_REC, path=root_src))
             else:  # a read-only overlay of the layer stack
-                data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns else "")
+                data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns and not plan.overlay_first else "")
                 ops.append(Op("mount-overlay", b=new, c=data, path=":".join(dirs), detail="read-only layer stack"))
             if plan.root == "own-trees":
                 root_ops, layout = rootfs.own_tree_ops(spec, plan)
@@ -261,13 +277,23 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
         if cwd is None:
             visible = not spec.custom_root and (project_layer or not spec.mount_root_hides(here))
             cwd = here if visible else "/"
-    if late:
+    if late and plan.overlay_first:
         flags = 0
         for n in late:
             flags |= _ffi.NS_FLAGS[n]
         if "mount" in ns:
             flags |= _ffi.NS_FLAGS["mount"]  # so that the new user namespace owns a mount namespace too
         ops.append(Op("unshare", ival=flags, path=" ".join(late)))
+    elif plan.relock:
+        # A nested user (and mount) namespace locks every mount made so far; the child maps
+        # its own single id (the id it has in the outer namespace).
+        flags = _ffi.NS_FLAGS["user"] | _ffi.NS_FLAGS["mount"]
+        for n in late:
+            flags |= _ffi.NS_FLAGS[n]
+        inner_uid = os.getuid() if spec.map_user == "self" else 0
+        inner_gid = os.getgid() if spec.map_user == "self" else 0
+        ops.append(Op("unshare", ival=flags, flags=_ffi.UNSHARE_SELF_MAP, a=f"{inner_uid} {inner_uid} 1\n",
+                      b=f"{inner_gid} {inner_gid} 1\n", path="user (nested, locks the mounts) " + " ".join(late)))
     if "uts" in ns and spec.hostname is not None:
         ops.append(Op("hostname", a=spec.hostname, path=spec.hostname))
     if "net" in ns and spec.loopback:
@@ -817,7 +843,7 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
 
 
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any]) -> CallOutcome:
-    native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False)
+    native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True)
     cspec = native.build()  # allocated in the parent, before the fork
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -839,6 +865,9 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 _write_all(w, pickle.dumps(("setup", e)))
                 code = 0
             else:
+                if sandbox.spec.env is not None:
+                    os.environ.clear()
+                    os.environ.update(sandbox.spec.env)
                 try:
                     result: tuple[str, Any] = ("ok", body())
                 except BaseException as e:  # noqa: BLE001 - shipped to the parent

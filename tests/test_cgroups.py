@@ -99,8 +99,9 @@ def test_cpu_quota_and_cpuset_are_applied(leak_check):
 
 @pytest.mark.skipif(H.v2 is None, reason="no cgroup v2 hierarchy")
 def test_v2_grouping_with_clone_into_cgroup(leak_check):
-    h = Sandbox(Spec(pids=32)).spawn(["sh", "-c", "sleep 1000 & sleep 1000 & read x"], stdin=PIPE)
+    h = Sandbox(Spec(pids=32)).spawn(["sh", "-c", "sleep 1000 & sleep 1000 & echo up; read x"], stdin=PIPE, stdout=PIPE)
     try:
+        assert h.stdout.readline() == b"up\n"  # the sleeps are started
         with open(f"/proc/{h.pid}/cgroup") as f:
             v2_line = [line for line in f if line.startswith("0::")][0]
         assert f"/{RUN_PREFIX}" in v2_line and "/sb-" in v2_line  # born there (CLONE_INTO_CGROUP)

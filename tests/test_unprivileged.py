@@ -75,7 +75,41 @@ def facts():
         "cap_sys_admin": bool(int(status.split("CapEff:")[1].split()[0], 16) >> 21 & 1),
         "etc_write": write_error("/etc/incarnate-unprivileged-probe"),
         "tmp_write": write_error("/tmp/incarnate-unprivileged-probe"),
+        "parent_uid_map": parent_uid_map(),
+        "remount_rw": remount_rw("/"),
+        "umount_root": umount("/"),
     }
+
+def parent_uid_map():
+    """The map of the user namespace that owns this one (the one the mounts were made in)."""
+    import ctypes, fcntl
+    NS_GET_PARENT = 0xB702
+    try:
+        fd = os.open("/proc/self/ns/user", os.O_RDONLY)
+        parent = fcntl.ioctl(fd, NS_GET_PARENT)
+        os.close(fd)
+        os.close(parent)
+        return "has a parent user namespace"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+def remount_rw(path):
+    import ctypes
+    MS_REMOUNT, MS_BIND = 32, 4096
+    if _libc().mount(None, path.encode(), None, MS_REMOUNT | MS_BIND, None) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+
+def umount(path):
+    import ctypes
+    MNT_DETACH = 2
+    if _libc().umount2(path.encode(), MNT_DETACH) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
 
 def run(spec, argv):
     r = Sandbox(spec).run(argv)
@@ -194,8 +228,11 @@ def test_call_as_mapped_root(unprivileged):
     outside = unprivileged["outside"]
     inside = unprivileged["call_root"]["ok"]
     assert (inside["uid"], inside["gid"], inside["euid"]) == (0, 0, 0)
-    assert inside["uid_map"] == ["0", str(UID), "1"]
-    assert inside["gid_map"] == ["0", str(GID), "1"]
+    # A nested user namespace locks the mounts made in the outer one (which maps 0 to UID):
+    # the payload's map is 0 -> the outer 0.
+    assert inside["uid_map"] == ["0", "0", "1"]
+    assert inside["gid_map"] == ["0", "0", "1"]
+    assert inside["remount_rw"] == "EPERM" and inside["umount_root"] in ("EPERM", "EINVAL")
     assert inside["setgroups"] == "deny"
     assert inside["userns"] != outside["userns"]
     assert inside["cap_sys_admin"]  # over the new user namespace only
@@ -210,6 +247,7 @@ def test_call_keeping_own_ids(unprivileged):
     assert (inside["uid"], inside["gid"]) == (UID, GID)
     assert inside["uid_map"] == [str(UID), str(UID), "1"]
     assert inside["gid_map"] == [str(GID), str(GID), "1"]
+    assert inside["remount_rw"] == "EPERM"
     assert inside["setgroups"] == "deny"
     # No exec happens in a call, so the forked process keeps the capabilities it got
     # over the new user namespace even though its uid is not 0 there (see run_self for
@@ -224,7 +262,7 @@ def test_run_programs(unprivileged):
     assert r["namespaces"] == ["user"] + NOT_USER and r["degradations"] == []
     r = unprivileged["run_id"]["ok"]
     assert r["returncode"] == 0, r["stderr"]
-    assert r["stdout"].split() == ["0", "0", "0", str(UID), "1"]
+    assert r["stdout"].split() == ["0", "0", "0", "0", "1"]  # nested: 0 -> the outer 0 (UID)
     # map_user="self": the exec'd program is uid 65534 inside, so execve leaves it no
     # capabilities at all.
     r = unprivileged["run_self"]["ok"]
