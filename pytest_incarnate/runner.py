@@ -10,6 +10,7 @@ pytest process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import linecache
 import os
@@ -150,25 +151,53 @@ def _coverage() -> Any:
         return None
 
 
+def _recording_list() -> list[Any] | None:
+    """The list that warnings go to now (the innermost ``catch_warnings(record=True)``:
+    pytest's own, or a ``recwarn``/``pytest.warns`` recorder), if any."""
+    target = getattr(warnings, "_showwarnmsg_impl", None)
+    log = getattr(target, "__self__", None)
+    return log if isinstance(log, list) else None
+
+
+class _LogreportRecorder:
+    """In the child: stands in for the ``pytest_runtest_logreport`` hook during the call.
+    Reports logged there (subtests) are shipped to the pytest process and logged there,
+    where the terminal, JUnit XML and xdist see them; nothing is printed by the child."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.reports: list[Any] = []
+
+    def __call__(self, report: Any) -> None:
+        self.reports.append(self.config.hook.pytest_report_to_serializable(config=self.config, report=report))
+
+
 def _child_body(item: pytest.Item) -> Any:
     """In the sandbox: run the call phase, build its report, and add what must be replayed
-    in the pytest process (warnings recorded here, coverage data measured here)."""
+    in the pytest process (warnings recorded here, subtest reports, coverage data)."""
     item.stash[IN_CHILD] = True
-    with warnings.catch_warnings(record=True) as caught:
-        call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
-        report = item.ihook.pytest_runtest_makereport(item=item, call=call)
-        if call.excinfo is not None and report.failed and item.config.getoption("usepdb", False):
-            # --pdb: the post-mortem runs here, inside the sandbox, on the inherited terminal.
-            item.ihook.pytest_exception_interact(node=item, call=call, report=report)
+    log = _recording_list()
+    seen = len(log) if log is not None else 0
+    recorder = _LogreportRecorder(item.config)
+    # This process is a throwaway copy: its hook relay can be changed for good (on the
+    # plugin manager's relay, and on config.hook, which may cache the hook caller).
+    for relay in {id(r): r for r in (item.config.pluginmanager.hook, item.config.hook)}.values():
+        setattr(relay, "pytest_runtest_logreport", recorder)
+    call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
+    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    if call.excinfo is not None and report.failed and item.config.getoption("usepdb", False):
+        # --pdb: the post-mortem runs here, inside the sandbox, on the inherited terminal.
+        item.ihook.pytest_exception_interact(node=item, call=call, report=report)
     data = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
     relayed = []
-    for w in caught:
-        category = w.category
-        try:
-            pickle.loads(pickle.dumps(category))
-        except Exception:  # noqa: BLE001 - a category defined in a local scope
-            category = UserWarning
-        relayed.append((str(w.message), category, w.filename, w.lineno))
+    if log is not None and _recording_list() is log:
+        for w in log[seen:]:
+            message, category = w.message, w.category
+            try:
+                pickle.loads(pickle.dumps((message, category)))
+            except Exception:  # noqa: BLE001 - a category defined in a local scope
+                message, category = str(message), UserWarning
+            relayed.append((message, category, w.filename, w.lineno, w.line))
     cov_data = None
     cov = _coverage()
     if cov is not None:
@@ -177,15 +206,30 @@ def _child_body(item: pytest.Item) -> Any:
             cov_data = cov.get_data().dumps()
         except Exception:  # noqa: BLE001 - coverage is best effort; the test's outcome is not
             cov_data = None
-    data[_EXTRA] = {"warnings": relayed, "coverage": cov_data}
+    data[_EXTRA] = {"warnings": relayed, "coverage": cov_data, "logreports": recorder.reports}
     return data
 
 
-def _replay(extra: dict[str, Any]) -> None:
-    """In the pytest process: re-emit the child's warnings (pytest records them for the
-    test and the summary) and merge its coverage data into the running measurement."""
-    for message, category, filename, lineno in extra.get("warnings", ()):
-        warnings.warn_explicit(message, category, filename, lineno)
+def _replay(item: pytest.Item, extra: dict[str, Any]) -> None:
+    """In the pytest process: hand the child's warnings to the active recorder (pytest's,
+    for the test and the summary), log its subtest reports, and merge its coverage data
+    into the running measurement."""
+    log = _recording_list()
+    for message, category, filename, lineno, line in extra.get("warnings", ()):
+        if log is not None:
+            log.append(warnings.WarningMessage(message, category, filename, lineno, None, line))
+        else:
+            warnings.warn_explicit(message, category, filename, lineno)
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    for data in extra.get("logreports", ()):
+        rep = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+        if rep is None:
+            continue
+        if rep.failed and rep.nodeid == item.nodeid and rep.when == "call":
+            _count_failed_subtest(item)
+        # As the subtests do: the terminal's progress letter is not the test's output.
+        with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+            item.ihook.pytest_runtest_logreport(report=rep)
     data = extra.get("coverage")
     cov = _coverage() if data else None
     if cov is not None:
@@ -197,6 +241,18 @@ def _replay(extra: dict[str, Any]) -> None:
             cov.get_data().update(other)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"incarnate: the coverage data of a sandboxed test could not be merged: {e!r}", stacklevel=1)
+
+
+def _count_failed_subtest(item: pytest.Item) -> None:
+    """pytest's subtests count a test's failed subtests in the config's stash (the parent
+    turns a passing test with failed subtests into a failure); no public hook does this."""
+    try:
+        from _pytest.subtests import failed_subtests_key  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pytest without built-in subtests
+        return
+    counts = item.config.stash.get(failed_subtests_key, None)
+    if counts is not None:
+        counts[item.nodeid] += 1
 
 
 def decide(item: pytest.Item, degradations: tuple[Degradation, ...]) -> str:
@@ -249,6 +305,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
 
             _release_cgroup(cgroup[0])
             apply_policy(record.decision, "incarnate: " + "; ".join(d.describe() for d in degradations))
+    n_props = len(item.user_properties)
     t0 = time.monotonic()
     try:
         out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup)
@@ -269,8 +326,8 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     if out.stats is not None:
         record.stats = _jsonable(out.stats)
     data = dict(out.value)
-    _replay(data.pop(_EXTRA, {}))
-    item.stash[CHILD_REPORT] = data
+    _replay(item, data.pop(_EXTRA, {}))
+    item.stash[CHILD_REPORT] = (data, n_props)
     raise SandboxedCallDone("done")
 
 
@@ -309,11 +366,20 @@ def _finish(item: pytest.Item, report: pytest.TestReport) -> pytest.TestReport:
 
 def replace_report(item: pytest.Item, report: pytest.TestReport) -> pytest.TestReport:
     """In the parent: the call report made in the child, or a failure naming the crash."""
-    data = item.stash.get(CHILD_REPORT, None)
-    if data is not None:
+    stashed = item.stash.get(CHILD_REPORT, None)
+    if stashed is not None:
         del item.stash[CHILD_REPORT]
+        data, n_props = stashed
         rep: pytest.TestReport = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
         rep.sections = list(rep.sections)
+        # What the call added to the item shows in the later reports too (teardown's, which
+        # JUnit XML reads): its captured output and its recorded properties.
+        for title, content in rep.sections:
+            m = re.fullmatch(r"Captured (\w+) call", title)
+            if m:
+                item.add_report_section("call", m.group(1), content)
+        for prop in list(rep.user_properties)[n_props:]:
+            item.user_properties.append(tuple(prop))  # type: ignore[arg-type]
         stats = item.stash.get(STATS, None)
         if rep.failed and stats is not None and stats.pids_limit_hits:
             # A failure that may come from refused forks says so.

@@ -54,21 +54,6 @@ def _call_properties_dropped(nodeid: str, when: str, field: str, base: Any, othe
 
 
 KNOWN_BUGS = [
-    Known("teardown reports lack the sandboxed call's captured output and log (the 'Captured stdout/stderr/log "
-          "call' sections): the teardown report is made in the pytest process, whose item never got the child's "
-          "call sections; JUnit XML takes system-out/system-err from that report",
-          _call_sections_dropped),
-    Known("record_property in a sandboxed test is lost from the teardown report (the body appends to the child's "
-          "item.user_properties); JUnit XML takes <properties> from that report",
-          _call_properties_dropped),
-    Known("the recwarn fixture records nothing in a sandboxed test: the child's warnings relay "
-          "(catch_warnings(record=True) around the call) replaces the recorder the fixture installed at setup",
-          lambda nodeid, when, field, base, other: nodeid == "test_output.py::test_recwarn" and when == "call"),
-    Known("subtests (pytest 9's subtests fixture, unittest's subTest) in a sandboxed test: their reports are made "
-          "in the child; without xdist they never reach the pytest process (they vanish from the summary), with "
-          "xdist the child sends them on the worker's inherited channel; either way the failed-subtest count stays "
-          "in the child, so a test with a failing subtest passes",
-          lambda nodeid, when, field, base, other: "::test_subtests_" in nodeid and when == "call"),
 ]
 
 

@@ -256,7 +256,7 @@ def test_warnings_inside_reach_the_summary(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(["*warnings summary*", "*test_warns*", "*MyWarning: careful inside*"])
-    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::UserWarning")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::UserWarning:test_warnings_inside_reach_the_summary")
     result.assert_outcomes(passed=1, failed=1)  # -W error applies inside too
 
 
