@@ -33,6 +33,7 @@ __all__ = [
     "CpuAffinitySkipped",
     "UidMapFailed",
     "OverlaySkipped",
+    "ProcSkipped",
     "OverlayUnavailable",
 ]
 
@@ -266,3 +267,12 @@ class OverlaySkipped(Degradation):
 
     def describe(self) -> str:
         return f"copy-on-write root skipped, the root is read-only with tmpfs on the writable places: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ProcSkipped(Degradation):
+    reason: str
+
+    def describe(self) -> str:
+        return (f"fresh /proc skipped, the enclosing one is bound instead (it shows the enclosing pid "
+                f"namespace's processes): {self.reason}")

@@ -197,7 +197,11 @@ def standard_ops(spec, plan, *, overlay: bool) -> list[Op]:  # type: ignore[no-u
     ops: list[Op] = []
     create = BIND_CREATE  # made in the upper layer, or in a tmpfs; on a read-only root they exist
     if spec.mount_proc and "pid" in ns:
-        ops.append(Op("mount-proc", b=NEW + "/proc", flags=create, path="/proc"))
+        if plan.proc_fresh:
+            ops.append(Op("mount-proc", b=NEW + "/proc", flags=create, path="/proc"))
+        else:
+            ops.append(Op("bind", a=OLD + "/proc", b=NEW + "/proc", flags=BIND_REC | create, path="/proc",
+                          detail="the enclosing /proc"))
         # Host-wide knobs that /proc checks by uid alone (a root caller is uid 0 inside):
         # read-only, and locked with the rest once the user namespace is entered.
         for p in PROC_READONLY:

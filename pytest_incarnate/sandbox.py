@@ -34,6 +34,7 @@ from pytest_incarnate.errors import (
     NonExecutablePayload,
     OverlaySkipped,
     OverlayUnavailable,
+    ProcSkipped,
     SandboxCrashed,
     SandboxTimeout,
     SetupStepFailed,
@@ -69,7 +70,8 @@ class Plan:
     root: str = "readonly"
     overlay_first: bool = False  # build the root as real root, then enter the user namespace
     cpus: frozenset[int] = frozenset()  # the CPU affinity to set (empty: leave it)
-    proc: bool = True  # a fresh /proc is mounted (the nested user namespace maps itself through it)
+    proc: bool = True  # a /proc is mounted (the nested user namespace maps itself through it)
+    proc_fresh: bool = True  # a fresh proc mount; else the enclosing /proc is bound
 
     @property
     def relock(self) -> bool:
@@ -174,6 +176,15 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
                     root = "own-trees"
                     reason += "; the caller's own trees (home, project) are copy-on-write, the rest read-only"
                 degr.append(OverlaySkipped(reason))
+    proc_fresh = spec.mount_proc and "pid" in granted and "mount" in granted
+    if proc_fresh and not caps.granted("proc"):
+        # Inside a sandbox (or a container) whose /proc has locked read-only parts, the
+        # kernel refuses a new proc mount ("not fully visible"): bind the enclosing one.
+        cap = caps["proc"]
+        if spec.strict:
+            raise NamespaceCapMissing("pid", f"a fresh /proc cannot be mounted: {cap.reason}", cap.fix)
+        degr.append(ProcSkipped(cap.reason))
+        proc_fresh = False
     # Real root builds the root (copy-on-write or read-only) before it enters the user
     # namespace: the mounts are then locked for the payload.
     overlay_first = root in ("overlay", "readonly") and "user" in granted and caps["overlay.root"].granted
@@ -187,7 +198,8 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
             if spec.strict:
                 raise SpecError("cpu_affinity", sorted(spec.cpu_affinity), why)
             degr.append(CpuAffinitySkipped(why + ("; using " + str(sorted(cpus)) if cpus else "; affinity left as it is")))
-    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first, cpus, spec.mount_proc)
+    return Plan(tuple(granted), tuple(degr), uid_map, gid_map, deny, root, overlay_first, cpus, spec.mount_proc,
+                proc_fresh)
 
 
 def _ancestors(path: str) -> list[str]:

@@ -106,10 +106,11 @@ def test_incarnation_fixture_runs_subprocesses(pytester: pytest.Pytester) -> Non
         @pytest.mark.incarnate(hostname="fixture-box")
         def test_it(incarnation):
             # This test runs sandboxed itself, so this sandbox is nested: it gets every
-            # namespace, but no copy-on-write root (inherited mounts are locked here).
-            r = incarnation.run(["hostname"])
-            assert r.stdout == b"fixture-box\\n"
-            assert [type(d).__name__ for d in r.degradations] == ["OverlaySkipped"]
+            # namespace, but no copy-on-write root (inherited mounts are locked here) and no
+            # fresh /proc (the enclosing one has locked read-only parts: /proc/sys, ...).
+            r = incarnation.run(["sh", "-c", "hostname; echo 1 > /proc/sys/vm/swappiness || echo refused"])
+            assert r.stdout == b"fixture-box\\nrefused\\n"
+            assert [type(d).__name__ for d in r.degradations] == ["OverlaySkipped", "ProcSkipped"]
 
         def test_unsandboxed(incarnation):
             r = incarnation.run(["hostname"])
