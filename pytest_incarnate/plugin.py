@@ -53,6 +53,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Ledger(config, settings), "incarnate-ledger")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    sandbox = sys.modules.get("pytest_incarnate.sandbox")
+    if sandbox is not None:
+        sandbox.reap_pending()  # the last sandboxed test's processes, on their way out
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_incarnate.probe import probe
     from pytest_incarnate.runner import settings_of

@@ -308,7 +308,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     n_props = len(item.user_properties)
     t0 = time.monotonic()
     try:
-        out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup)
+        out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup, reap_later=True)
     except SandboxCrashed as e:
         record.duration = time.monotonic() - t0
         item.stash[CRASH] = e

@@ -6,6 +6,7 @@ are recorded) -> ordered child operations -> native core -> Result.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno as _errno
 import resource
@@ -839,22 +840,44 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
     return max(0, len(inside) - 1)  # not counting the init
 
 
+_PENDING: list[int] = []  # monitors whose result is in, reaped at the next sandbox or at exit
+
+
+def reap_pending() -> None:
+    """Reap the monitors of finished sandboxed calls (see ``reap_later``)."""
+    while _PENDING:
+        pid = _PENDING.pop()
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+atexit.register(reap_pending)
+
+
 def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = None,
-                 cgroup: tuple[cgroups.SandboxCgroup | None, tuple[Degradation, ...]] | None = None) -> CallOutcome:
+                 cgroup: tuple[cgroups.SandboxCgroup | None, tuple[Degradation, ...]] | None = None,
+                 reap_later: bool = False) -> CallOutcome:
     """Fork, enter the incarnation in the child, run ``body`` there, ship its outcome
     and its filesystem changes back.  ``plan`` and ``cgroup`` (from ``Sandbox._cgroup``),
     when given, were made beforehand (the plugin looks at their degradations first); the
-    cgroup is released here either way."""
+    cgroup is released here either way.  ``reap_later``: once the whole result is in (and
+    without cgroups to release), the sandbox's processes, already on their way out, are
+    reaped at the next call or at exit instead of now (the plugin's per-test path)."""
+    reap_pending()
     cg, cg_degr = cgroup if cgroup is not None else sandbox._cgroup()
     try:
-        plan, out = sandbox._run_native(plan or sandbox.plan(), lambda p: _run_forked(sandbox, p, cg, body))
+        plan, out = sandbox._run_native(plan or sandbox.plan(),
+                                        lambda p: _run_forked(sandbox, p, cg, body, reap_later=reap_later))
     finally:
         stats = _release_cgroup(cg)
     return dataclasses.replace(out, plan=dataclasses.replace(plan, degradations=plan.degradations + cg_degr),
                                stats=stats)
 
 
-def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any]) -> CallOutcome:
+def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
+                reap_later: bool = False) -> CallOutcome:
     native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True)
     cspec = native.build()  # allocated in the parent, before the fork
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -885,6 +908,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 except BaseException as e:  # noqa: BLE001 - shipped to the parent
                     result = ("err", e)
                 _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
+                os.close(w)  # EOF for the parent now, not after this process's memory is torn down
                 code = 0
         finally:
             os._exit(code)
@@ -893,6 +917,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     limit = sandbox.spec.timeout
     deadline = None if limit is None else time.monotonic() + limit
     timed_out = -1
+    reaped = False
+    parse_error: Exception | None = None
     try:
         while True:
             if deadline is not None:
@@ -907,22 +933,32 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             if not b:
                 break
             chunks.append(b)
+        data = b"".join(chunks)
+        parsed = None
+        if timed_out < 0 and data:
+            stream = io.BytesIO(data)
+            try:
+                kind, value = pickle.load(stream)
+                entries = pickle.load(stream) if stream.tell() < len(data) else None
+                parsed = (kind, value, entries)
+            except Exception as e:  # a torn result: the status below says why
+                parse_error = e
+        if parsed is not None and reap_later and cg is None and parsed[0] != "setup":
+            _PENDING.append(pid)  # the result is whole: its processes are on their way out
+            reaped = True
     finally:
         os.close(r)
-        _, status, usage = os.wait4(pid, 0)
+        if not reaped:
+            _, status, usage = os.wait4(pid, 0)
     if timed_out >= 0:
         _release_cgroup(cg)
         raise SandboxTimeout(limit or 0.0, timed_out)
-    data = b"".join(chunks)
     if not data:
         cpu = (sandbox.spec.rlimits or {}).get("cpu")
         raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, usage.ru_utime + usage.ru_stime)
-    stream = io.BytesIO(data)
-    try:
-        kind, value = pickle.load(stream)
-        entries = pickle.load(stream) if stream.tell() < len(data) else None
-    except Exception as e:
-        raise SandboxCrashed(f"the sandboxed call's result could not be read back: {e!r}") from e
+    if parsed is None:
+        raise SandboxCrashed(f"the sandboxed call's result could not be read back: {parse_error!r}") from parse_error
+    kind, value, entries = parsed
     if kind == "setup":
         raise value
     changes = None
