@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -68,8 +69,36 @@ def test_sweep_and_run_with_limits() -> None:
 
 
 @pytest.mark.parametrize(("args", "named"), [(("--bind", "rel"), "binds.source"), (("--ns", "usr"), "namespaces"),
-                                             (("--share", "usr"), "--share")])
+                                             (("--share", "usr"), "--share"), (("--rlimit", "nofile"), "--rlimit"),
+                                             (("--rlimit", "nofiles=3"), "rlimits"), (("--umask", "9x"), "--umask"),
+                                             (("--memory", "lots"), "memory"), (("--tmpfs", "rel"), "tmpfs"),
+                                             (("--cpus", "a-b"), "cpus"), (("--root", "/no/such/dir"), "/no/such/dir")])
 def test_run_bad_flags_exit_2_naming_them(args: tuple[str, ...], named: str) -> None:
     r = cli("run", *args, "--", "true")
     assert r.returncode == 2
     assert named in r.stderr
+
+
+def test_run_spec_flags_reach_the_payload(tmp_path) -> None:
+    """The Spec's fields as flags: environment, rlimits, umask, an extra tmpfs, uid; the JSON
+    result lists what the command wrote (copy-on-write: not on the host)."""
+    out = tmp_path / "result.json"
+    script = "echo $A-$B; ulimit -n; umask; id -u; touch /etc/cli-flag-test; df -k /scratch | tail -1"
+    r = cli("run", "--clearenv", "--setenv", "A", "1", "--setenv", "B", "2", "--rlimit", "nofile=64", "--umask", "077",
+            "--tmpfs", "/scratch:1m", "--json", str(out), "--", "/bin/sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:4] == ["1-2", "64", "0077", "0"]
+    assert lines[4].split()[1] == "1024"  # a 1 MiB tmpfs
+    assert not os.path.exists("/etc/cli-flag-test")
+    doc = json.loads(out.read_text())
+    assert doc["status"] == 0 and {"path": "/etc/cli-flag-test", "kind": "created"} in doc["changes"]
+    assert "net" in doc["namespaces"] and doc["degradations"] == []
+    r = cli("run", "--uid", "1000", "--gid", "1000", "--read-only-root", "--", "sh", "-c", "id -u; touch /etc/x")
+    assert r.returncode == 1 and r.stdout.split() == ["1000"] and "Read-only file system" in r.stderr
+
+
+def test_run_timeout_kills_the_sandbox_and_exits_124() -> None:
+    r = cli("run", "--timeout", "0.5", "--", "sh", "-c", "sleep 100 & sleep 100")
+    assert r.returncode == 124
+    assert "timed out after 0.5 s" in r.stderr
