@@ -11,11 +11,12 @@ import concurrent.futures
 import errno
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 try:
-    from pytest_incarnate._native import ffi, lib
+    from pytest_incarnate._native import ffi, lib  # type: ignore[import-not-found,unused-ignore]
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "pytest_incarnate's C core (pytest_incarnate._native) is not built: "

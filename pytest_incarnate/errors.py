@@ -139,7 +139,7 @@ class _OSLike(IncarnateError, OSError):
         return (_rebuild, (type(self), self.errno, self.filename, dict(self.__dict__)))
 
 
-def _rebuild(cls: type, err: int, filename: str | None, state: dict[str, Any]) -> Any:
+def _rebuild(cls: type[OSError], err: int, filename: str | None, state: dict[str, Any]) -> Any:
     obj = cls.__new__(cls)
     OSError.__init__(obj, err, state.get("_message", ""))
     obj.errno = err

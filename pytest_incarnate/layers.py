@@ -75,8 +75,9 @@ import shutil
 import stat
 import sys
 import tarfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from filelock import FileLock, Timeout
 

@@ -6,7 +6,8 @@ Heavy modules are imported only when a test asks for isolation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 

@@ -13,8 +13,9 @@ import json
 import os
 import platform
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pytest_incarnate import _ffi
 from pytest_incarnate._ffi import Native, Op

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, Op
 

@@ -147,7 +147,7 @@ def _coverage() -> Any:
         return None
     try:
         return sys.modules["coverage"].Coverage.current()
-    except Exception:  # noqa: BLE001 - an old or odd coverage: no relay
+    except Exception:
         return None
 
 
@@ -182,7 +182,7 @@ def _child_body(item: pytest.Item) -> Any:
     # This process is a throwaway copy: its hook relay can be changed for good (on the
     # plugin manager's relay, and on config.hook, which may cache the hook caller).
     for relay in {id(r): r for r in (item.config.pluginmanager.hook, item.config.hook)}.values():
-        setattr(relay, "pytest_runtest_logreport", recorder)
+        setattr(relay, "pytest_runtest_logreport", recorder)  # noqa: B010 - HookRelay declares no such attribute
     call = pytest.CallInfo.from_call(lambda: item.ihook.pytest_runtest_call(item=item), when="call")
     report = item.ihook.pytest_runtest_makereport(item=item, call=call)
     if call.excinfo is not None and report.failed and item.config.getoption("usepdb", False):
@@ -195,7 +195,7 @@ def _child_body(item: pytest.Item) -> Any:
             message, category = w.message, w.category
             try:
                 pickle.loads(pickle.dumps((message, category)))
-            except Exception:  # noqa: BLE001 - a category defined in a local scope
+            except Exception:
                 message, category = str(message), UserWarning
             relayed.append((message, category, w.filename, w.lineno, w.line))
     cov_data = None
@@ -204,7 +204,7 @@ def _child_body(item: pytest.Item) -> Any:
         try:
             cov.stop()
             cov_data = cov.get_data().dumps()
-        except Exception:  # noqa: BLE001 - coverage is best effort; the test's outcome is not
+        except Exception:
             cov_data = None
     data[_EXTRA] = {"warnings": relayed, "coverage": cov_data, "logreports": recorder.reports}
     return data
@@ -232,14 +232,14 @@ def _replay(item: pytest.Item, extra: dict[str, Any]) -> None:
             item.ihook.pytest_runtest_logreport(report=rep)
     data = extra.get("coverage")
     cov = _coverage() if data else None
-    if cov is not None:
+    if cov is not None and data is not None:
         try:
             from coverage import CoverageData
 
             other = CoverageData(no_disk=True)
             other.loads(data)
             cov.get_data().update(other)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             warnings.warn(f"incarnate: the coverage data of a sandboxed test could not be merged: {e!r}", stacklevel=1)
 
 

@@ -9,29 +9,30 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import errno as _errno
-import resource
 import io
 import os
 import pickle
+import resource
 import select
 import shutil
 import signal as _signal
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import IO, Any
 
-from pytest_incarnate import _ffi
+from pytest_incarnate import _ffi, cgroups, rootfs
 from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, DROP_SETGROUPS, Native, Op
 from pytest_incarnate.errors import (
     CloneFailed,
+    CpuAffinitySkipped,
     Degradation,
     IncarnateError,
     InvalidArgv,
     NamespaceCapMissing,
     NamespaceSkipped,
-    CpuAffinitySkipped,
     NonExecutablePayload,
     OverlaySkipped,
     OverlayUnavailable,
@@ -39,13 +40,13 @@ from pytest_incarnate.errors import (
     SandboxCrashed,
     SandboxTimeout,
     SetupStepFailed,
+    SpecError,
     UidMapFailed,
     UserNsDisabledBySysctl,
     UserNsRestrictedByLsm,
 )
-from pytest_incarnate import cgroups, rootfs
 from pytest_incarnate.probe import Capabilities, id_maps, probe
-from pytest_incarnate.spec import NAMESPACES, Spec, SpecError
+from pytest_incarnate.spec import NAMESPACES, Spec
 
 STAGE_BASE = "/tmp"
 # A refused clone worth one re-probe: a limit reached, or a capability taken away since.
@@ -872,8 +873,9 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
                                         lambda p: _run_forked(sandbox, p, cg, body, reap_later=reap_later))
     finally:
         stats = _release_cgroup(cg)
-    return dataclasses.replace(out, plan=dataclasses.replace(plan, degradations=plan.degradations + cg_degr),
-                               stats=stats)
+    result: CallOutcome = dataclasses.replace(
+        out, plan=dataclasses.replace(plan, degradations=plan.degradations + cg_degr), stats=stats)
+    return result
 
 
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
@@ -905,7 +907,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                     os.environ.update(sandbox.spec.env)
                 try:
                     result: tuple[str, Any] = ("ok", body())
-                except BaseException as e:  # noqa: BLE001 - shipped to the parent
+                except BaseException as e:
                     result = ("err", e)
                 _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
                 os.close(w)  # EOF for the parent now, not after this process's memory is torn down

@@ -7,8 +7,9 @@ and the bad value.  Nothing here touches the kernel.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pytest_incarnate.errors import InvalidRootfsPath, SpecError
 
@@ -151,7 +152,7 @@ class Overlay:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", _path("overlays.target", self.target))
-        lower = self.lower
+        lower: Any = self.lower
         if isinstance(lower, (str, os.PathLike)):
             lower = (lower,)
         if not isinstance(lower, (tuple, list)) or not lower:
@@ -263,8 +264,10 @@ class Spec:
     cpu_affinity: Any = None
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        ns = self.namespaces
+        def set_(k: str, v: Any) -> None:
+            object.__setattr__(self, k, v)
+
+        ns: Any = self.namespaces
         if isinstance(ns, str):
             ns = ns.replace(",", " ").split()
         if not isinstance(ns, Iterable):
