@@ -102,8 +102,42 @@ struct inc_child {
     int err_w;       /* error records, close-on-exec */
     int status_w;    /* init -> monitor/parent: the payload's wait status */
     int hold_fd;     /* INC_OP_HOLD's fd, kept by the init; -1 if none */
+    int shared_vm;   /* the init shares the monitor's memory (enter mode, CLONE_VM) */
     sigset_t oldmask;
 };
+
+/* Raw system calls that leave errno alone.  An init started with CLONE_VM shares the
+ * monitor's memory, thread-local errno included, and keeps running after the monitor has
+ * gone back to its own work: from then on it must not write errno. */
+#if defined(__x86_64__)
+#define INC_RAW_SYSCALLS 1
+static long raw_sys(long n, long a1, long a2, long a3, long a4)
+{
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+}
+#elif defined(__aarch64__)
+#define INC_RAW_SYSCALLS 1
+static long raw_sys(long n, long a1, long a2, long a3, long a4)
+{
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a1;
+    register long x1 __asm__("x1") = a2;
+    register long x2 __asm__("x2") = a3;
+    register long x3 __asm__("x3") = a4;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory", "cc");
+    return x0;
+}
+#else
+#define INC_RAW_SYSCALLS 0
+#endif
+/* AddressSanitizer keeps per-stack state that a jump between stacks confuses. */
+#if defined(__SANITIZE_ADDRESS__)
+#undef INC_RAW_SYSCALLS
+#define INC_RAW_SYSCALLS 0
+#endif
 
 /* ------------------------------------------------------------------ child side ---- */
 /* Only async-signal-safe code below, up to the parent side marker. */
@@ -527,8 +561,19 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
     }
 }
 
-static void close_range_or_loop(unsigned lo, unsigned hi)
+static void close_range_or_loop(unsigned lo, unsigned hi, int raw)
 {
+#if INC_RAW_SYSCALLS
+    if (raw) {
+        if (raw_sys(SYS_close_range, lo, hi, 0, 0) == 0)
+            return;
+        for (unsigned fd = lo; fd <= hi && fd < 65536; fd++)
+            raw_sys(SYS_close, (long)fd, 0, 0, 0);
+        return;
+    }
+#else
+    (void)raw;
+#endif
     if (syscall(SYS_close_range, lo, hi, 0U) == 0)
         return;
     for (unsigned fd = lo; fd <= hi && fd < 65536; fd++)
@@ -549,8 +594,42 @@ static void child_init_signals(sigset_t *set)
 
 /* The pid-1 init: reap every child, forward signals to the payload, and when the payload
  * ends, report its raw wait status and exit (the kernel then kills what is left). */
+#if INC_RAW_SYSCALLS
+/* The init loop of an init sharing the monitor's memory: raw calls only (see raw_sys). */
+static void child_init_loop_raw(const struct inc_child *cx, pid_t payload)
+{
+    sigset_t set;
+    child_init_signals(&set);
+    for (;;) {
+        siginfo_t si;
+        long sig = raw_sys(SYS_rt_sigtimedwait, (long)&set, (long)&si, 0, KSIGSET_SIZE);
+        if (sig < 0)
+            continue;   /* -EINTR */
+        if (sig != SIGCHLD) {
+            raw_sys(SYS_kill, payload, sig, 0, 0);
+            continue;
+        }
+        for (;;) {
+            int st = 0;
+            long r = raw_sys(SYS_wait4, -1, (long)&st, WNOHANG, 0);
+            if (r <= 0)
+                break;
+            if (r == payload) {
+                int32_t rec = st;
+                raw_sys(SYS_write, cx->status_w, (long)&rec, sizeof rec, 0);
+                raw_sys(SYS_exit_group, WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), 0, 0, 0);
+            }
+        }
+    }
+}
+#endif
+
 static void child_init_loop(const struct inc_child *cx, pid_t payload)
 {
+#if INC_RAW_SYSCALLS
+    if (cx->shared_vm)
+        child_init_loop_raw(cx, payload);
+#endif
     sigset_t set;
     child_init_signals(&set);
     for (;;) {
@@ -579,7 +658,7 @@ static void child_init_loop(const struct inc_child *cx, pid_t payload)
 }
 
 /* Close every fd but keep_a and keep_b (either may be -1). */
-static void child_close_all_but(int keep_a, int keep_b)
+static void child_close_all_but(int keep_a, int keep_b, int raw)
 {
     int lo = keep_a < keep_b ? keep_a : keep_b;
     int hi = keep_a < keep_b ? keep_b : keep_a;
@@ -589,10 +668,10 @@ static void child_close_all_but(int keep_a, int keep_b)
         if (keep[i] < 0)
             continue;
         if ((unsigned)keep[i] > next)
-            close_range_or_loop(next, (unsigned)keep[i] - 1);
+            close_range_or_loop(next, (unsigned)keep[i] - 1, raw);
         next = (unsigned)keep[i] + 1;
     }
-    close_range_or_loop(next, ~0U);
+    close_range_or_loop(next, ~0U, raw);
 }
 
 static int child_close_fds(const struct inc_spec *spec)
@@ -680,6 +759,10 @@ static void child_enter_cgroups(const struct inc_spec *spec, const struct inc_ch
             child_fail(cx, INC_STEP_CGROUP, errno, i);
         close(spec->cgroup_procs_fds[i]);
     }
+    /* Started with CLONE_VM (glibc's clone, which has no CLONE_INTO_CGROUP): into the v2
+     * cgroup by itself as well. */
+    if (cx->shared_vm && spec->cgroup_v2_procs_fd >= 0 && write(spec->cgroup_v2_procs_fd, "0", 1) != 1)
+        child_fail(cx, INC_STEP_CGROUP, errno, spec->n_cgroup_procs_fds);
     /* The sandbox keeps no way to its cgroup directories: from the v2 directory's fd a
      * payload could walk up to the host's cgroup.procs (enter mode keeps the caller's fds). */
     if (spec->cgroup_dirfd >= 0)
@@ -745,7 +828,7 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
             /* The init keeps only its status pipe: any other fd it held (a stdin pipe's
              * write end, the caller's result pipe) would keep the payload's peers from
              * seeing EOF.  Closing err_w gives the parent EOF once the payload runs. */
-            child_close_all_but(cx->status_w, cx->hold_fd);
+            child_close_all_but(cx->status_w, cx->hold_fd, cx->shared_vm);
             child_init_loop(cx, pid);
         }
         /* the payload, pid 2 (enter mode, or a trial) */
@@ -916,9 +999,38 @@ static int parent_read_record(int fd, struct inc_record *rec)
     return 1;
 }
 
+/* Enter mode with CLONE_VM: the monitor (the caller of inc_enter, a fork of the Python
+ * process) starts the init sharing its memory, on a stack of its own, so that its address
+ * space is not copied for the init; only the payload is a copy.  The init forks the
+ * payload, which jumps back into inc_enter's frame (in its copy of the monitor's memory)
+ * and returns into Python there.  The monitor stays blocked in start() until the payload
+ * runs, and the init keeps to raw system calls after that (see raw_sys). */
+struct vm_ctx {
+    const struct inc_spec *spec;
+    struct inc_result *res;
+    struct inc_child cx;
+    int parent_ends[3];   /* the monitor's ends of the pipes, closed in the init */
+    void *jb[5];          /* __builtin_setjmp in inc_enter */
+};
+static struct vm_ctx vm_ctx;
+static char vm_init_stack[256 * 1024] __attribute__((aligned(16)));
+
+static int vm_init_main(void *p)
+{
+    struct vm_ctx *v = p;
+    for (int i = 0; i < 3; i++)
+        if (v->parent_ends[i] >= 0)
+            close(v->parent_ends[i]);
+    child_main(v->spec, &v->cx, 1);
+    /* The payload: back into inc_enter, in this copy of the monitor's memory. */
+    __builtin_longjmp(v->jb, 1);
+    return 0;
+}
+
 /* Common start: pipes, clone, maps, go, wait for the child to reach its payload.
- * Returns 1 in the child (enter mode, payload), 0 in the parent on success, -1 on error. */
-static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
+ * Returns 1 in the child (enter mode, payload), 0 in the parent on success, -1 on error.
+ * With vm (enter mode), the child shares the caller's memory (see struct vm_ctx). */
+static int start(const struct inc_spec *spec, struct inc_result *res, int enter, struct vm_ctx *vm)
 {
     int sync[2] = {-1, -1}, errp[2] = {-1, -1}, statp[2] = {-1, -1};
     int with_init = (spec->ns_flags & INC_NS_PID) && spec->use_init;
@@ -939,7 +1051,22 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
     }
 
     int pidfd = -1, used3 = 0, into_cgroup = 0;
-    pid_t pid = parent_clone(spec, &pidfd, &used3, &into_cgroup);
+    pid_t pid;
+    if (vm != NULL) {
+        vm->cx.sync_r = sync[0];
+        vm->cx.err_w = errp[1];
+        vm->cx.status_w = statp[1];
+        vm->cx.hold_fd = -1;
+        vm->cx.shared_vm = 1;
+        vm->parent_ends[0] = sync[1];
+        vm->parent_ends[1] = errp[0];
+        vm->parent_ends[2] = statp[0];
+        int flags = spec->ns_flags | CLONE_VM | SIGCHLD | (spec->want_pidfd ? CLONE_PIDFD : 0);
+        pid = clone(vm_init_main, vm_init_stack + sizeof vm_init_stack, flags, vm, &pidfd);
+        into_cgroup = 1;   /* it moves itself into its v2 cgroup too: nothing for the parent to write */
+    } else {
+        pid = parent_clone(spec, &pidfd, &used3, &into_cgroup);
+    }
     if (pid < 0) {
         res->step = INC_STEP_CLONE;
         res->err = errno;
@@ -955,6 +1082,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter)
         cx.err_w = errp[1];
         cx.status_w = statp[1];
         cx.hold_fd = -1;
+        cx.shared_vm = 0;
         child_main(spec, &cx, enter);
         return 1;   /* enter mode only: the payload */
     }
@@ -1041,7 +1169,7 @@ fail_pipes:
 
 int inc_spawn(const struct inc_spec *spec, struct inc_result *res)
 {
-    return start(spec, res, 0) < 0 ? -1 : 0;
+    return start(spec, res, 0, NULL) < 0 ? -1 : 0;
 }
 
 int inc_pidfd_getfd(int pidfd, int targetfd)
@@ -1060,7 +1188,7 @@ static void monitor(struct inc_result *res)
 {
     int st = 0;
     /* Hold nothing of the caller's (a concurrent spawn's error pipe, say). */
-    child_close_all_but(res->status_fd, -1);
+    child_close_all_but(res->status_fd, -1, 0);
     while (waitpid(res->pid, &st, 0) < 0) {
         if (errno != EINTR)
             _exit(125);
@@ -1103,7 +1231,26 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
     sigaction(SIGCHLD, &dfl, NULL);   /* the monitor must be able to wait */
-    int r = start(spec, res, 1);
+    struct vm_ctx *vm = NULL;
+#if INC_RAW_SYSCALLS
+    /* Only with an init: it forks the payload, the copy.  Without a pid namespace the cloned
+     * child is the payload itself, and must not share the monitor's memory. */
+    if (spec->enter_vm && (spec->ns_flags & INC_NS_PID) && spec->use_init) {
+        vm = &vm_ctx;
+        vm->spec = spec;
+        vm->res = res;
+        if (__builtin_setjmp(vm->jb)) {
+            /* the payload (see vm_init_main) */
+            res = vm_ctx.res;
+            res->step = 0;
+            res->pid = -1;
+            res->pidfd = -1;
+            res->status_fd = -1;
+            return 0;
+        }
+    }
+#endif
+    int r = start(spec, res, 1, vm);
     if (r == 1) {
         /* the payload */
         res->step = 0;

@@ -121,6 +121,7 @@ struct inc_spec {
     int n_keep_fds;
     int setsid_payload;
     int expect_ppid;      /* enter mode: the caller's parent; the caller dies with it */
+    int enter_vm;         /* enter mode: start the init with CLONE_VM (x86_64, aarch64; not under ASan) */
 
     /* cgroups: the child is placed in them before it runs anything */
     int cgroup_dirfd;                  /* cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */

@@ -151,6 +151,7 @@ class Native:
     keep_fds: Sequence[int] = ()
     setsid_payload: bool = False
     expect_ppid: int = 0
+    enter_vm: bool = False
     layout: Any = None  # rootfs.Layout: where the upper layers show inside
     cgroup_dirfd: int = -1  # cgroup v2 directory for CLONE_INTO_CGROUP
     cgroup_procs: Sequence[tuple[int, str]] = ()  # v1: (open cgroup.procs fd, its path)
@@ -214,6 +215,7 @@ class Native:
         spec.n_keep_fds = len(self.keep_fds)
         spec.setsid_payload = int(self.setsid_payload)
         spec.expect_ppid = self.expect_ppid
+        spec.enter_vm = int(self.enter_vm)
         spec.cgroup_dirfd = self.cgroup_dirfd
         procs = ffi.new("int[]", [fd for fd, _ in self.cgroup_procs] or [0])
         self._keep.append(procs)

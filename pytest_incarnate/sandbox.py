@@ -841,6 +841,10 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
     return max(0, len(inside) - 1)  # not counting the init
 
 
+# Enter mode starts the init with CLONE_VM, so that only the payload copies the caller's
+# memory (INCARNATE_ENTER_VM=0 copies it for the init too, as before; for comparison).
+ENTER_VM = os.environ.get("INCARNATE_ENTER_VM", "1") != "0"
+
 _PENDING: list[int] = []  # monitors whose result is in, reaped at the next sandbox or at exit
 
 
@@ -880,7 +884,8 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
 
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
                 reap_later: bool = False) -> CallOutcome:
-    native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True)
+    native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True,
+                             enter_vm=ENTER_VM)
     cspec = native.build()  # allocated in the parent, before the fork
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
