@@ -419,7 +419,8 @@ static int child_read_go(const struct inc_child *cx)
     return n == 1 && go == 'g' ? 0 : -1;
 }
 
-/* Write a whole small file (a /proc/self map), failing on a short write. */
+/* Write a whole small file (a /proc map), failing on a short write.  Syscalls only: the
+ * child uses it for its own maps, the parent for the child's. */
 static int child_write_file(const char *path, const char *data)
 {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -904,22 +905,7 @@ static int parent_write_file(pid_t pid, const char *name, const char *data)
 {
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, name);
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    size_t len = strlen(data);
-    ssize_t w = write(fd, data, len);
-    int e = errno;
-    close(fd);
-    if (w < 0) {
-        errno = e;
-        return -1;
-    }
-    if ((size_t)w != len) {
-        errno = EIO;
-        return -1;
-    }
-    return 0;
+    return child_write_file(path, data);   /* the same whole-file write, syscalls only */
 }
 
 static int parent_id_maps(const struct inc_spec *spec, pid_t pid, struct inc_result *res)

@@ -122,30 +122,36 @@ def test_bad_limits_name_the_field():
         assert exc.value.field == field
 
 
+STRICT_AND_LOOSE = """
+import json
+from pytest_incarnate import Sandbox, Spec
+from pytest_incarnate.errors import CgroupNotWritable
+out = {}
+try:
+    Sandbox(Spec(memory="64M", strict=True)).run(["/bin/true"])
+except CgroupNotWritable as e:
+    out["strict"] = str(e)
+"""
+
+
+def _in_private_mountns(tmp_path, prepare: str, body: str) -> dict:
+    """Run STRICT_AND_LOOSE + body (which fills ``out``) as a script in a private mount
+    namespace after the shell commands ``prepare``; its JSON."""
+    script = tmp_path / "script.py"
+    script.write_text(STRICT_AND_LOOSE + textwrap.dedent(body) + "\nprint(json.dumps(out))\n")
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{prepare} && exec {PY} {script}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_read_only_cgroupfs_strict_and_not(tmp_path):
     """cgroupfs made read-only for real, in a private mount namespace."""
-    script = tmp_path / "ro.py"
-    script.write_text(textwrap.dedent(
-        """
-        import json
-        from pytest_incarnate import Sandbox, Spec
-        from pytest_incarnate.errors import CgroupNotWritable
-        out = {}
-        try:
-            Sandbox(Spec(memory="64M", strict=True)).run(["/bin/true"])
-        except CgroupNotWritable as e:
-            out["strict"] = str(e)
+    got = _in_private_mountns(tmp_path, " && ".join(f"mount -o remount,bind,ro {m}" for m in _mountpoints()), """
         r = Sandbox(Spec(memory="64M")).run(["/bin/true"])
         out["rc"] = r.returncode
         out["degr"] = [[type(d).__name__, d.describe()] for d in r.degradations]
-        print(json.dumps(out))
-        """
-    ))
-    mounts = " && ".join(f"mount -o remount,bind,ro {m}" for m in _mountpoints())
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {PY} {script}"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+        """)
     assert "is not writable" in got["strict"] and "mounted read-only" in got["strict"]
     assert got["rc"] == 0
     assert [d[0] for d in got["degr"]] == ["CgroupSkipped"]
@@ -157,34 +163,18 @@ def test_no_controller_anywhere_degrades_or_refuses(tmp_path):
     namespace; the v2 hierarchy here does not have them either: the limits are skipped, saying
     why and how to fix it, or refused when strict; the probe says no with the same reason; CPU
     time still comes from the v2 cgroup's cpu.stat."""
-    script = tmp_path / "nomem.py"
-    script.write_text(textwrap.dedent(
-        """
-        import json
-        from pytest_incarnate import Sandbox, Spec
-        from pytest_incarnate.errors import CgroupNotWritable
+    if "memory" in H.v2_controllers() or "pids" in H.v2_controllers():
+        pytest.skip("this machine's v2 hierarchy has memory or pids: nothing to take away")
+    umount = " && ".join(f"umount {m}" for m in _mountpoints(("memory", "pids", "cpuacct")))
+    got = _in_private_mountns(tmp_path, umount, """
         from pytest_incarnate.probe import probe
-        out = {}
-        try:
-            Sandbox(Spec(memory="64M", strict=True)).run(["/bin/true"])
-        except CgroupNotWritable as e:
-            out["strict"] = str(e)
         r = Sandbox(Spec(memory="64M", pids=16)).run(["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
         out["rc"] = r.returncode
         out["degr"] = [[type(d).__name__, d.describe()] for d in r.degradations]
         out["cpu"] = [r.stats.cpu_user, r.stats.cpu_system]
         caps = probe()
         out["probe"] = {k: [caps[k].granted, caps[k].reason, caps[k].fix] for k in ("cgroup.memory", "cgroup.pids")}
-        print(json.dumps(out))
-        """
-    ))
-    if "memory" in H.v2_controllers() or "pids" in H.v2_controllers():
-        pytest.skip("this machine's v2 hierarchy has memory or pids: nothing to take away")
-    umount = " && ".join(f"umount {m}" for m in _mountpoints(("memory", "pids", "cpuacct")))
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{umount} && exec {PY} {script}"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+        """)
     assert "not delegated to the v2 cgroup" in got["strict"] and "memory" in got["strict"]
     assert got["rc"] == 0
     assert sorted(d[0] for d in got["degr"]) == ["CgroupSkipped", "CgroupSkipped"]
