@@ -300,7 +300,19 @@ static int child_remount_ro_top(const char *path)
 static int child_bind(const struct inc_op *op)
 {
     int rec = (op->flags & INC_BIND_REC) ? AT_RECURSIVE : 0;
-    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, op->a, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | rec);
+    /* The source is walked without following symlinks (the parent resolved it already: a
+     * symlink found now was swapped in since, and is refused with ELOOP). */
+    int src = child_resolve(op->a, 0, 0);
+    if (src < 0)
+        return -1;
+    int tree = (int)syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | rec);
+    if (tree < 0) {
+        int e = errno;
+        close(src);
+        errno = e;
+    } else {
+        close(src);
+    }
     if (tree < 0 && errno == ENOSYS) {
         /* Old kernel: classic bind, read-only applied to the top mount only. */
         struct stat st;

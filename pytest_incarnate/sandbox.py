@@ -55,7 +55,12 @@ PIPE = -1
 DEVNULL = -3
 
 
-LATE_NS = ("user", "net", "uts", "ipc", "cgroup")
+LATE_NS = ("user", "net", "uts", "ipc")
+# The cgroup namespace is entered by an op, after the move into the sandbox's cgroups (so that
+# its root is the sandbox's cgroup) and before the payload's user namespace: owned by a more
+# privileged user namespace, it does not let the payload mount cgroupfs (and write its own
+# limits through it).
+
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class Plan:
     @property
     def clone_namespaces(self) -> tuple[str, ...]:
         late = self.late_namespaces
-        return tuple(n for n in self.namespaces if n not in late)
+        return tuple(n for n in self.namespaces if n not in late and n != "cgroup")
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,15 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
                 proc_fresh)
 
 
+def _resolve_host_path(field: str, path: str) -> str:
+    """``path`` with its symlinks resolved, now, in the parent (the child refuses any symlink
+    it meets later); a path that cannot be resolved is a SpecError naming the field."""
+    try:
+        return os.path.realpath(path, strict=False)
+    except OSError as e:  # a component swapped while it was being read, a loop
+        raise SpecError(field, path, f"cannot be resolved: {e.strerror or e}") from None
+
+
 def _ancestors(path: str) -> list[str]:
     out = []
     while path not in ("/", ""):
@@ -220,6 +234,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
     ops: list[Op] = []
     layout = rootfs.Layout()
     cwd = spec.cwd
+    if "cgroup" in ns:
+        ops.append(Op("unshare", ival=_ffi.NS_FLAGS["cgroup"], path="cgroup (rooted at the sandbox's cgroup)"))
     if "mount" in ns:
         new, old = rootfs.NEW, rootfs.OLD
         ops.append(Op("make-rprivate", a="/", path="/"))
@@ -266,7 +282,7 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             mountpoints.append(o.target)
             ops.append(Op("mount-overlay", b=new + o.target, c=data + userxattr, flags=BIND_CREATE, path=o.target))
         for b in spec.binds:
-            src = os.path.realpath(b.source)
+            src = _resolve_host_path("binds.source", b.source)
             flags = BIND_REC | BIND_CREATE | (BIND_RO if b.readonly else 0)
             target = b.target or b.source
             mountpoints.append(target)
