@@ -30,6 +30,8 @@
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -103,6 +105,7 @@ struct inc_child {
     int status_w;    /* init -> monitor/parent: the payload's wait status */
     int hold_fd;     /* INC_OP_HOLD's fd, kept by the init; -1 if none */
     int shared_vm;   /* the init shares the monitor's memory (enter mode, CLONE_VM) */
+    int dumpable;    /* shared_vm: the memory's dumpable flag before the payload's fork */
     sigset_t oldmask;
 };
 
@@ -640,8 +643,13 @@ static void child_init_loop_raw(const struct inc_child *cx, pid_t payload)
 static void child_init_loop(const struct inc_child *cx, pid_t payload)
 {
 #if INC_RAW_SYSCALLS
-    if (cx->shared_vm)
+    if (cx->shared_vm) {
+        /* No handler may run here any more (the caller's, Python's, on the shared memory):
+         * every signal blocked; sigtimedwait takes the ones it waits for all the same. */
+        uint64_t all = ~(uint64_t)0;
+        raw_sys(SYS_rt_sigprocmask, SIG_SETMASK, (long)&all, 0, KSIGSET_SIZE);
         child_init_loop_raw(cx, payload);
+    }
 #endif
     sigset_t set;
     child_init_signals(&set);
@@ -823,7 +831,9 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
     if ((spec->ns_flags & INC_NS_PID) && spec->use_init) {
         sigset_t set;
         child_init_signals(&set);
-        if (syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, &cx->oldmask, KSIGSET_SIZE) < 0)
+        /* shared_vm: the monitor blocked every signal before the clone and kept its own mask
+         * in cx->oldmask for the payload. */
+        if (syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, cx->shared_vm ? NULL : &cx->oldmask, KSIGSET_SIZE) < 0)
             child_fail(cx, INC_STEP_SIGMASK, errno, -1);
         pid_t pid;
         if (!enter && spec->argv != NULL) {
@@ -833,7 +843,18 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
             struct payload_arg pa = {spec, cx};
             pid = clone(payload_main, payload_stack_top(), CLONE_VM | CLONE_VFORK | SIGCHLD, &pa);
         } else {
+            if (cx->shared_vm) {
+                /* The init shares the monitor's memory, and the payload may ptrace its
+                 * init (or write /proc/1/mem): the memory is made non-dumpable, so that
+                 * the payload cannot reach the monitor through it.  The payload, a copy,
+                 * gets the flag back. */
+                cx->dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+                if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+                    child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
+            }
             pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+            if (pid == 0 && cx->shared_vm && cx->dumpable == 1)
+                prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
         }
         if (pid < 0)
             child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
@@ -1009,8 +1030,44 @@ struct vm_ctx {
     struct inc_child cx;
     int parent_ends[3];   /* the monitor's ends of the pipes, closed in the init */
     void *jb[5];          /* __builtin_setjmp in inc_enter */
+    stack_t altstack;     /* the monitor's, which the kernel drops for a CLONE_VM child */
 };
 static struct vm_ctx vm_ctx;
+
+/* glibc's restartable-sequences area (2.35+), registered again in the payload: the kernel
+ * drops the registration of a CLONE_VM child, and the payload is a fork of one. */
+extern const ptrdiff_t __rseq_offset __attribute__((weak));
+extern const unsigned int __rseq_size __attribute__((weak));
+#if defined(__x86_64__)
+#define INC_RSEQ_SIG 0x53053053
+#elif defined(__aarch64__)
+#define INC_RSEQ_SIG 0xd428bc00
+#endif
+
+/* In the payload, back from the jump: what a CLONE_VM child lost, given back. */
+static void vm_payload_restore(void)
+{
+    if (!(vm_ctx.altstack.ss_flags & SS_DISABLE))
+        sigaltstack(&vm_ctx.altstack, NULL);
+#if defined(INC_RSEQ_SIG) && defined(SYS_rseq)
+    if (&__rseq_size != NULL && __rseq_size > 0)
+        syscall(SYS_rseq, (char *)__builtin_thread_pointer() + __rseq_offset, 32, 0, INC_RSEQ_SIG);
+#endif
+    /* The monitor was inside read() (asynchronous cancellation on) when it was copied. */
+    pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, NULL);
+    sigprocmask(SIG_SETMASK, &vm_ctx.cx.oldmask, NULL);
+}
+
+/* Shadow stacks (CET) would not survive the jump between stacks. */
+static int vm_shadow_stack_on(void)
+{
+#if defined(__x86_64__)
+    unsigned long features = 0;
+    if (syscall(SYS_arch_prctl, 0x5005 /* ARCH_SHSTK_STATUS */, &features) == 0 && (features & 1))
+        return 1;
+#endif
+    return 0;
+}
 static char vm_init_stack[256 * 1024] __attribute__((aligned(16)));
 
 static int vm_init_main(void *p)
@@ -1233,22 +1290,34 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
 #if INC_RAW_SYSCALLS
     /* Only with an init: it forks the payload, the copy.  Without a pid namespace the cloned
      * child is the payload itself, and must not share the monitor's memory. */
-    if (spec->enter_vm && (spec->ns_flags & INC_NS_PID) && spec->use_init) {
+    if (spec->enter_vm && (spec->ns_flags & INC_NS_PID) && spec->use_init && !vm_shadow_stack_on()
+        && !(spec->cgroup_dirfd >= 0 && spec->cgroup_v2_procs_fd < 0)) {
         vm = &vm_ctx;
         vm->spec = spec;
         vm->res = res;
+        sigaltstack(NULL, &vm->altstack);
+        /* Every signal blocked while the init shares this memory and errno with the
+         * monitor's setup: no handler runs in either meanwhile.  The caller's mask goes to
+         * the payload (and back to the monitor on failure). */
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
         if (__builtin_setjmp(vm->jb)) {
             /* the payload (see vm_init_main) */
+            vm_payload_restore();
             res = vm_ctx.res;
             res->step = 0;
             res->pid = -1;
             res->pidfd = -1;
             res->status_fd = -1;
+            res->hold_fd = -1;
             return 0;
         }
     }
 #endif
     int r = start(spec, res, 1, vm);
+    if (r < 0 && vm != NULL)
+        sigprocmask(SIG_SETMASK, &vm_ctx.cx.oldmask, NULL);
     if (r == 1) {
         /* the payload */
         res->step = 0;

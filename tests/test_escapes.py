@@ -1453,7 +1453,9 @@ def test_payload_cannot_leave_its_cgroup(run_lock, leak_check, caller: str) -> N
     assert t.finish()["ok"], t.finish()
     refused = {k: v for k, v in got.items() if not k.endswith("fresh-parent") and not k.endswith("fresh-mount")}
     for k, v in refused.items():
-        expected = {"remount-rw": {"EPERM"}, "umount": {"EPERM", "EINVAL"}, "bind-remount-rw": {"EPERM"}}
+        # (/proc/1/root: in a call, the init is not dumpable, so even its root is refused.)
+        expected = {"remount-rw": {"EPERM"}, "umount": {"EPERM", "EINVAL"}, "bind-remount-rw": {"EPERM"},
+                    "proc-1-root": {"EROFS", "EACCES"}}
         assert v in expected.get(k.split(":")[1], {"EROFS"}), (k, v, got)
     # A fresh mount, when the kernel grants it, is rooted at the sandbox's own cgroup.
     for v in ("v1", "v2"):
@@ -1889,3 +1891,56 @@ def test_bind_path_swapped_for_a_symlink(leak_check, host_dir, request, swapped:
     allowed = {"dir"} | ({"etc"} if swapped == "source" else set())
     bad = {k: v for k, v in outcomes.items() if k not in allowed and not k.startswith("typed ")}
     assert not bad, f"{sum(bad.values())} of {n} setups went wrong: {outcomes}"
+
+
+def test_payload_cannot_reach_the_monitor_through_its_init(leak_check) -> None:
+    """A sandboxed call's init shares its monitor's memory (CLONE_VM), and the monitor runs
+    outside every namespace: the payload, which may ptrace its own init, must not be able to
+    open the init's memory for writing (it is made non-dumpable before the payload is forked),
+    nor attach to it."""
+    import ctypes
+
+    def attempt() -> dict:
+        out = {}
+        try:
+            with open("/proc/1/mem", "r+b"):
+                out["mem"] = "opened"
+        except OSError as e:
+            out["mem"] = errno.errorcode[e.errno]
+        libc = ctypes.CDLL(None, use_errno=True)
+        PTRACE_ATTACH = 16
+        rc = libc.ptrace(PTRACE_ATTACH, 1, None, None)
+        out["ptrace"] = "attached" if rc == 0 else errno.errorcode[ctypes.get_errno()]
+        out["self_dumpable"] = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+        return out
+
+    got = Sandbox().call(attempt)
+    assert got["mem"] == "EACCES" and got["ptrace"] == "EPERM", got
+    assert got["self_dumpable"] == 1  # the payload's own memory stays dumpable (core files, /proc/self)
+
+
+def test_faulthandler_alternate_stack_survives_in_a_call() -> None:
+    """The kernel drops the alternate signal stack of a CLONE_VM child; the payload (a fork
+    of one) gets the caller's back, so faulthandler can still report a stack overflow."""
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    def altstack() -> tuple[int, int]:
+        st = StackT()
+        ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st))
+        return st.ss_flags, st.ss_size
+
+    import faulthandler
+
+    was = faulthandler.is_enabled()
+    faulthandler.enable()  # installs an alternate stack in this process
+    try:
+        outside = altstack()
+        inside = Sandbox().call(altstack)
+    finally:
+        if not was:
+            faulthandler.disable()
+    assert outside[0] == 0 and outside[1] > 0
+    assert inside == outside
