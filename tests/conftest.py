@@ -58,3 +58,13 @@ def leak_check():
     assert after.fds == before.fds, f"file descriptors leaked: {sorted(os.listdir('/proc/self/fd'))}"
     new_tmp = after.tmp_entries - before.tmp_entries
     assert not {e for e in new_tmp if "incarnate" in e}, f"temp entries left: {new_tmp}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("reliability", "reliability and security suite")
+    group.addoption("--fuzz-examples", type=int, default=2000, metavar="N",
+                    help="hypothesis examples per property in tests/test_fuzz.py (default 2000, as in CI)")
+    group.addoption("--reliability-full", action="store_true", default=False,
+                    help="run the long, exhaustive forms of the reliability suite (tests/test_faults.py: every "
+                         "syscall x 3 errnos x every occurrence; tests/test_reliability.py: soaks of 10,000 "
+                         "sandboxed tests, 2,000 sandboxed calls from a threaded process)")
