@@ -979,6 +979,20 @@ static int parent_cgroups(const struct inc_spec *spec, pid_t pid, struct inc_res
     return 0;
 }
 
+/* Test-only (see inc_spec.test_stage): announce the stage to the test, which then kills
+ * this process (or its parent, whose death signal ends it), and stay here until then.  The
+ * parent side only: the child never runs it. */
+static void parent_test_stage(const struct inc_spec *spec, int stage)
+{
+    static const char line[] = "after-clone\n";   /* the one stage here */
+    if (spec->test_stage != stage || spec->test_stage_fd < 0)
+        return;
+    if (write(spec->test_stage_fd, line, sizeof line - 1) < 0)
+        return;
+    for (;;)
+        pause();
+}
+
 static void close_if(int *fd)
 {
     if (*fd >= 0) {
@@ -1152,6 +1166,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
 
     if (parent_cgroups(spec, pid, res) < 0)
         goto fail_child;
+    parent_test_stage(spec, INC_TEST_STAGE_AFTER_CLONE);
     if (parent_id_maps(spec, pid, res) < 0) {
         res->err = errno;
         goto fail_child;

@@ -129,7 +129,16 @@ struct inc_spec {
                                           "0" into each, moving itself, as its first step */
     int n_cgroup_procs_fds;
     int cgroup_v2_procs_fd;            /* v2 cgroup.procs, written only if CLONE_INTO_CGROUP failed */
+
+    /* Test-only (tests/test_kill_matrix.py; set by _ffi.py from INCARNATE_TEST_STAGE_FIFO):
+     * with test_stage == INC_TEST_STAGE_AFTER_CLONE, the parent writes "after-clone\n" to
+     * test_stage_fd right after clone, before the id maps, and stays there until it is
+     * killed.  0 (the default): off. */
+    int test_stage;
+    int test_stage_fd;
 };
+
+#define INC_TEST_STAGE_AFTER_CLONE 1
 
 struct inc_result {
     int step;        /* enum inc_step, 0 on success */

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import os
+import select
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -262,6 +263,55 @@ def error_for(native: Native, res: Any) -> IncarnateError:
     return SetupStepFailed(STEP_NAMES.get(step, f"step {step}"), err)
 
 
+# Test-only stage hook (tests/test_kill_matrix.py).  INCARNATE_TEST_STAGE_FIFO=<path>:<stage>
+# makes the process that reaches <stage> write "<stage>\n" to <path> (a FIFO the test holds
+# open for reading) and stop there, so that the test can SIGKILL pytest at that exact point
+# without sleeping.  Stages here: "before-clone" (just before the core starts a sandbox),
+# "after-clone" (in the core, the parent right after clone, before the id maps: see
+# inc_spec.test_stage) and "after-mounts" (the child's setup is done, the payload runs).
+# Probe trials never stop.  Read once, at import: unset, a sandbox pays one comparison.
+TEST_STAGES = ("before-clone", "after-clone", "after-mounts")
+
+
+def _test_stage_from_env() -> tuple[str, str] | None:
+    path, sep, stage = os.environ.get("INCARNATE_TEST_STAGE_FIFO", "").rpartition(":")
+    return (path, stage) if sep and path and stage in TEST_STAGES else None
+
+
+_TEST_STAGE = _test_stage_from_env()
+
+
+def _test_stage(stage: str) -> None:
+    """Test-only: at the stage INCARNATE_TEST_STAGE_FIFO names, announce it and wait until the
+    parent of this process is gone.  In pytest itself (the process the test kills) that is
+    forever; a process that the kill does not end (the forked child before the core runs)
+    then goes on exactly as if the kill had come at this point."""
+    if _TEST_STAGE is None or _TEST_STAGE[1] != stage:
+        return
+    parent = os.pidfd_open(os.getppid())  # taken before the line: the test kills only after reading it
+    try:
+        fd = os.open(_TEST_STAGE[0], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, stage.encode() + b"\n")
+        finally:
+            os.close(fd)
+        select.select([parent], [], [])
+    finally:
+        os.close(parent)
+
+
+def _test_stage_before_clone(spec: Any) -> int:
+    """Test-only: the before-clone stage, then the core's after-clone stage armed in ``spec``;
+    the fd to close after the core call (-1: none)."""
+    _test_stage("before-clone")
+    if _TEST_STAGE is None or _TEST_STAGE[1] != "after-clone":
+        return -1
+    fd = os.open(_TEST_STAGE[0], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    spec.test_stage = lib.INC_TEST_STAGE_AFTER_CLONE
+    spec.test_stage_fd = fd
+    return fd
+
+
 # The parent-death signal follows the thread that created the child, not the process: a
 # sandbox spawned from a short-lived thread would be killed when that thread ends.  Spawns
 # from other threads are therefore made by one long-lived thread of this module's.
@@ -280,12 +330,18 @@ def _spawner_pool() -> concurrent.futures.ThreadPoolExecutor:
 def spawn(native: Native) -> Started:
     spec = native.build()
     res = ffi.new("struct inc_result *")
+    staged = _TEST_STAGE is not None and native.argv is not None  # test-only; never in a probe trial
+    stage_fd = _test_stage_before_clone(spec) if staged else -1
     if threading.current_thread() is threading.main_thread():
         rc = lib.inc_spawn(spec, res)
     else:
         rc = _spawner_pool().submit(lib.inc_spawn, spec, res).result()
+    if stage_fd >= 0:
+        os.close(stage_fd)
     if rc != 0:
         raise error_for(native, res)
+    if staged:
+        _test_stage("after-mounts")
     return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3), res.hold_fd)
 
 
@@ -306,8 +362,14 @@ def enter(native: Native, spec: Any) -> None:
     ``native.build()`` before the fork.  Returns in the payload; raises (in the calling
     process, the would-be monitor) if setup failed."""
     res = ffi.new("struct inc_result *")
-    if lib.inc_enter(spec, res) != 0:
+    stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1  # test-only
+    rc = lib.inc_enter(spec, res)
+    if stage_fd >= 0:
+        os.close(stage_fd)
+    if rc != 0:
         raise error_for(native, res)
+    if _TEST_STAGE is not None:
+        _test_stage("after-mounts")  # in the payload
 
 
 STATUS_SIZE = lib.inc_status_size()

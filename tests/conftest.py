@@ -67,4 +67,5 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reliability-full", action="store_true", default=False,
                     help="run the long, exhaustive forms of the reliability suite (tests/test_faults.py: every "
                          "syscall x 3 errnos x every occurrence; tests/test_reliability.py: soaks of 10,000 "
-                         "sandboxed tests, 2,000 sandboxed calls from a threaded process)")
+                         "sandboxed tests, 2,000 sandboxed calls from a threaded process; "
+                         "tests/test_kill_matrix.py: 20 kills per stage, under xdist at every stage too)")
