@@ -1294,8 +1294,14 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
 {
     if (spec->expect_ppid > 0) {
         /* The monitor dies with its parent (pytest), and the sandbox with the monitor. */
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != spec->expect_ppid)
-            _exit(125);
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) {
+            res->step = INC_STEP_PDEATHSIG;   /* reported to the caller, typed */
+            res->err = errno;
+            res->op_index = -1;
+            return -1;
+        }
+        if (getppid() != spec->expect_ppid)
+            _exit(125);   /* the caller is gone already: nobody to report to */
     }
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);

@@ -75,6 +75,7 @@ BIND_CREATE = lib.INC_BIND_CREATE
 BIND_REC = lib.INC_BIND_REC
 DROP_SETGROUPS = lib.INC_DROP_SETGROUPS
 UNSHARE_SELF_MAP = lib.INC_UNSHARE_SELF_MAP
+_U64 = (1 << 64) - 1
 
 # The strings each op kind reads in the child (a NULL there would crash it).
 _REQUIRED = {
@@ -201,8 +202,8 @@ class Native:
             c.a = self._cstr(op.a)
             c.b = self._cstr(op.b)
             c.c = self._cstr(op.c)
-            c.v1 = op.v1
-            c.v2 = op.v2
+            c.v1 = op.v1 & _U64  # RLIM_INFINITY is -1 in Python, all ones in C
+            c.v2 = op.v2 & _U64
         spec.ops = ops
         spec.n_ops = len(self.ops)
         spec.exe = self._cstr(self.exe)

@@ -43,8 +43,8 @@ def parse_size(field_name: str, value: int | str) -> int:
     if isinstance(value, bool):
         raise SpecError(field_name, value, "must be a size in bytes or a string like '64M'")
     if isinstance(value, int):
-        if value <= 0:
-            raise SpecError(field_name, value, "must be positive")
+        if not 0 < value < 2**63:
+            raise SpecError(field_name, value, "must be positive and below 2**63 bytes")
         return value
     if isinstance(value, str):
         s = value.strip().upper().removesuffix("IB").removesuffix("B")
@@ -52,9 +52,9 @@ def parse_size(field_name: str, value: int | str) -> int:
         num = s[:-1] if s[-1:] in "KMGT" else s
         try:
             n = int(float(num) * mult)
-        except ValueError:
+        except (ValueError, OverflowError):  # "abc", "inf", "1e400"
             n = 0
-        if n > 0:
+        if 0 < n < 2**63:
             return n
     raise SpecError(field_name, value, "must be a size in bytes or a string like '64M'")
 
@@ -115,8 +115,14 @@ def _read(path: str) -> str | None:
 
 
 def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    """Write a cgroup file in one write; an error names the file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -427,9 +433,15 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
                     refuse(h.v2, ctrl, f"no v1 {ctrl} hierarchy, and the v2 cgroup cannot be written: {v2_why}")
             on_v2 = []
         cg = SandboxCgroup(dirs, v2, limits)
-        _apply_v1(cg, limits)
-        if v2 is not None and on_v2:
-            _apply_v2(v2, limits, on_v2)
+        try:
+            _apply_v1(cg, limits)
+            if v2 is not None and on_v2:
+                _apply_v2(v2, limits, on_v2)
+        except OSError as e:  # a value the kernel refuses (CPUs this machine lacks, say)
+            field_name = next((f for f in ("memory", "pids", "cpus", "cpu_quota") if f.split("_")[0] in str(e.filename)),
+                              "limits")
+            raise SpecError(field_name, getattr(limits, field_name, None),
+                            f"the kernel refused it ({_errname(e)} writing {e.filename})") from None
         cg.open_for_spawn()
         return cg, degr
     except BaseException:

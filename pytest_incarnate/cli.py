@@ -53,6 +53,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_MISSING if missing else 0
 
 
+# The flag behind each Spec field, for error messages.
+_FLAG_OF = {
+    "namespaces": "--ns", "hostname": "--hostname", "binds": "--bind/--ro-bind", "tmpfs": "--tmpfs", "hide": "--hide",
+    "cwd": "--chdir", "env": "--setenv", "uid": "--uid", "gid": "--gid", "map_user": "--map-user", "umask": "--umask",
+    "root": "--root", "layers": "--layer", "upper_size": "--upper-size", "keep_upper": "--keep-upper", "dev": "--dev",
+    "rlimits": "--rlimit", "memory": "--memory", "pids": "--pids", "cpu_quota": "--cpu-quota", "cpus": "--cpus",
+    "timeout": "--timeout",
+}
+
+
 def _spec_from_args(args: argparse.Namespace) -> Any:
     """The Spec that ``run``'s flags describe; a bad flag raises SpecError naming it."""
     from pytest_incarnate.errors import SpecError
@@ -126,10 +136,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         print("pytest-incarnate run: give a command after --", file=sys.stderr)
         return 2
+    if args.json is not None:
+        where = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            print(f"pytest-incarnate run: --json: cannot write {args.json!r} ({where} is not a writable directory)",
+                  file=sys.stderr)
+            return 2
     try:
         spec = _spec_from_args(args)
     except SpecError as e:
-        print(f"pytest-incarnate run: {e}", file=sys.stderr)
+        flag = _FLAG_OF.get(e.field.split("[")[0].split(".")[0], "")
+        print(f"pytest-incarnate run: {flag + ': ' if flag and not e.field.startswith('--') else ''}{e}", file=sys.stderr)
         return 2
     except IncarnateError as e:  # a bad root directory, a layer that cannot be built
         print(f"pytest-incarnate run: {type(e).__name__}: {e}", file=sys.stderr)

@@ -222,7 +222,10 @@ def _ancestors(path: str) -> list[str]:
     out = []
     while path not in ("/", ""):
         out.append(path)
-        path = os.path.dirname(path)
+        parent = os.path.dirname(path)
+        if parent == path:  # "//" is its own dirname
+            break
+        path = parent
     return out
 
 
@@ -339,6 +342,14 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
         ops.append(Op("drop-privileges", uid=uid, gid=gid, flags=flags, path=f"uid={uid} gid={gid}"))
     for name, (soft, hard) in (spec.rlimits or {}).items():
         res = getattr(resource, "RLIMIT_" + name.upper())
+        # "unlimited": as high as this process may go (the sandbox cannot raise a hard limit:
+        # that takes CAP_SYS_RESOURCE in the initial user namespace).
+        if resource.RLIM_INFINITY in (soft, hard):
+            try:
+                ceiling = resource.getrlimit(res)[1]
+            except OSError:  # let the child try, and say what the kernel answers
+                ceiling = resource.RLIM_INFINITY
+            soft, hard = (ceiling if v == resource.RLIM_INFINITY else v for v in (soft, hard))
         ops.append(Op("rlimit", ival=res, v1=soft, v2=hard, path=name, detail=f"soft {soft}, hard {hard}"))
     if plan.cpus:
         mask = sum(1 << c for c in plan.cpus)

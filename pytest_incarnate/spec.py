@@ -30,7 +30,10 @@ def _path(field_name: str, value: Any, *, absolute: bool = True) -> str:
         raise SpecError(field_name, value, "contains a NUL byte")
     if absolute and not value.startswith("/"):
         raise SpecError(field_name, value, "must be an absolute path")
-    return os.path.normpath(value) if value != "/" else "/"
+    norm = os.path.normpath(value)
+    if norm.startswith("//"):  # normpath keeps exactly two leading slashes (POSIX allows a meaning)
+        norm = "/" + norm.lstrip("/")
+    return norm
 
 
 def overlay_safe(field_name: str, value: str) -> str:
@@ -281,7 +284,11 @@ class Spec:
         set_("namespaces", frozenset(ns))
         if self.hostname is not None:
             h = _text("hostname", self.hostname)
-            if not 0 < len(h.encode()) <= 64:
+            try:
+                encoded = h.encode()
+            except UnicodeEncodeError:
+                raise SpecError("hostname", h, "must be valid UTF-8 text (it holds an undecodable byte)") from None
+            if not 0 < len(encoded) <= 64:
                 raise SpecError("hostname", h, "must be 1 to 64 bytes")
         if self.root is not None:
             try:
@@ -303,7 +310,8 @@ class Spec:
         set_("binds", _coerce_tuple("binds", self.binds, Bind.coerce))
         set_("tmpfs", _coerce_tuple("tmpfs", self.tmpfs, Tmpfs.coerce))
         overlays = _coerce_tuple(
-            "overlays", self.overlays, lambda v: v if isinstance(v, Overlay) else Overlay(**v) if isinstance(v, dict) else _bad_overlay(v)
+            "overlays", self.overlays,
+            lambda v: v if isinstance(v, Overlay) else _overlay_from_dict(v) if isinstance(v, dict) else _bad_overlay(v)
         )
         set_("overlays", overlays)
         if self.env is not None:
@@ -332,8 +340,9 @@ class Spec:
             from pytest_incarnate.cgroups import parse_size
 
             set_("memory", parse_size("memory", self.memory))
-        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int) or self.pids < 1):
-            raise SpecError("pids", self.pids, "must be a positive number of processes")
+        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int)
+                                      or not 1 <= self.pids <= 4194304):  # the kernel's PID_MAX_LIMIT
+            raise SpecError("pids", self.pids, "must be a number of processes from 1 to 4194304")
         if self.cpu_quota is not None:
             if isinstance(self.cpu_quota, bool) or not isinstance(self.cpu_quota, (int, float)) or not 0.01 <= self.cpu_quota <= 4096:
                 raise SpecError("cpu_quota", self.cpu_quota, "must be a number of CPUs' worth of time, e.g. 0.5")
@@ -346,14 +355,16 @@ class Spec:
                 c = str(c)
             if not isinstance(c, str) or not c or any(ch not in "0123456789,-" for ch in c):
                 raise SpecError("cpus", self.cpus, 'must be a CPU list like "0", "0-1" or [0, 2]')
+            _cpu_set("cpus", c)  # well formed, CPUs 0 to 127
             set_("cpus", c)
         if self.rlimits is not None:
             set_("rlimits", _FrozenDict(_check_rlimits(self.rlimits)))
         if self.cpu_affinity is not None:
             set_("cpu_affinity", _cpu_set("cpu_affinity", self.cpu_affinity))
         if self.timeout is not None:
-            if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
-                raise SpecError("timeout", self.timeout, "must be a positive number of seconds")
+            if (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                    or not 0 < self.timeout < float("inf")):  # (NaN compares false)
+                raise SpecError("timeout", self.timeout, "must be a positive, finite number of seconds")
             set_("timeout", float(self.timeout))
         if self.keep_upper is not None:
             set_("keep_upper", _path("keep_upper", self.keep_upper))
@@ -423,10 +434,10 @@ def _check_rlimits(value: Any) -> dict[str, tuple[int, int]]:
         for x in pair:
             if x is None or x == "unlimited":
                 nums.append(resource.RLIM_INFINITY)
-            elif isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+            elif isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63:
                 nums.append(x)
             else:
-                raise SpecError(f"rlimits[{name!r}]", v, "limits are non-negative ints, None or 'unlimited'")
+                raise SpecError(f"rlimits[{name!r}]", v, "limits are ints from 0 to 2**63-1, None or 'unlimited'")
         soft, hard = nums
         if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
             raise SpecError(f"rlimits[{name!r}]", v, "the soft limit cannot be above the hard limit")
@@ -449,6 +460,8 @@ def _cpu_set(field_name: str, value: Any) -> frozenset[int]:
         try:
             if isinstance(it, str) and "-" in it:
                 lo, hi = (int(x) for x in it.split("-", 1))
+                if lo < 0 or hi > 127:
+                    raise SpecError(field_name, value, "must name CPUs 0 to 127")
                 cpus.update(range(lo, hi + 1))
             elif isinstance(it, bool):
                 raise ValueError
@@ -459,6 +472,17 @@ def _cpu_set(field_name: str, value: Any) -> frozenset[int]:
     if not cpus or min(cpus) < 0 or max(cpus) > 127:
         raise SpecError(field_name, value, "must name CPUs 0 to 127")
     return frozenset(cpus)
+
+
+def _overlay_from_dict(v: dict[str, Any]) -> Overlay:
+    known = {f.name for f in fields(Overlay)}
+    unknown = sorted(str(k) for k in v if k not in known)
+    if unknown:
+        raise SpecError("overlays", v, f"unknown overlay field {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    missing = [k for k in ("target", "lower") if k not in v]
+    if missing:
+        raise SpecError("overlays", v, f"an overlay needs {' and '.join(missing)}")
+    return Overlay(**v)
 
 
 def _bad_overlay(v: Any) -> Overlay:

@@ -342,9 +342,6 @@ BUG_CGROUP_FD_LEAK = (
     "bug: cgroups.SandboxCgroup.open_for_spawn: when opening a later controller's tasks file fails, the files "
     "already opened are never closed (create() removes the directories, not the descriptors); the OSError "
     "escapes untyped")
-BUG_ENTER_PDEATHSIG = (
-    "bug: in enter mode (Sandbox.call, the plugin) a refused PR_SET_PDEATHSIG in inc_enter is _exit(125): the "
-    "caller gets SandboxCrashed('exited with status 125') instead of SetupStepFailed('parent-death-signal', errno)")
 
 
 @dataclass(frozen=True)
@@ -463,7 +460,7 @@ CASES = [
     Case("call-fork", "call", COW, (("clone", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-mountinfo", "call", COW, (("openat", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
-    Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal"), bug=BUG_ENTER_PDEATHSIG),
+    Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal")),  # fixed: now typed
     Case("call-write-go", "call", COW, (("write", "1"),), TYPED, errnos=("EPERM",), bug=BUG_GO_BYTE_HANG),
 ]
 

@@ -593,24 +593,21 @@ def test_valid_specs_run(cgroup_run: None, leak_check: Any) -> None:
     assert len(ran) >= 10, ran
 
 
-# ------------------------------------------------------------------- the bugs, pinned
+# ------------------------------------------------------------------- the bugs found here, fixed since (regression tests)
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_SURROGATE)
 def test_bug_surrogate_hostname() -> None:
     with pytest.raises(SpecError) as e:
         Spec(hostname="\udcff")
     assert e.value.field == "hostname"
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_SURROGATE)
 def test_bug_surrogate_hostname_on_the_command_line() -> None:
     r = subprocess.run([os.fsencode(sys.executable), b"-m", b"pytest_incarnate.cli", b"run", b"--hostname", b"\xff",
                         b"--", b"/bin/true"], capture_output=True, timeout=60)
     assert r.returncode == 2 and b"hostname" in r.stderr and b"Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_SIZE_INF)
 @pytest.mark.parametrize("size", ["inf", "1e400"])
 def test_bug_infinite_memory_string(size: str) -> None:
     with pytest.raises(SpecError) as e:
@@ -618,7 +615,6 @@ def test_bug_infinite_memory_string(size: str) -> None:
     assert e.value.field == "memory"
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_OVERLAY_DICT)
 @pytest.mark.parametrize("overlay", [{"target": "/x"}, {"target": "/x", "lower": ["/a", "/b"], "bogus": 1}])
 def test_bug_overlay_dict_keys(overlay: dict[str, Any]) -> None:
     with pytest.raises(SpecError) as e:
@@ -626,13 +622,11 @@ def test_bug_overlay_dict_keys(overlay: dict[str, Any]) -> None:
     assert e.value.field.startswith("overlays")
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_OVERLAY_DICT)
 def test_bug_overlay_dict_keys_in_the_ini() -> None:
     with pytest.raises(pytest.UsageError, match="ini incarnate_spec: overlays"):
         Settings(ini=parse_pairs(["overlays=[{'target': '/x'}]"], "ini incarnate_spec")).check()
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_CPU_RANGE)
 def test_bug_cpu_affinity_huge_range() -> None:
     code = textwrap.dedent("""
         import resource, sys
@@ -649,7 +643,6 @@ def test_bug_cpu_affinity_huge_range() -> None:
     assert r.returncode == 0, r.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_RLIMIT_C)
 @pytest.mark.parametrize("limit", [None, (256, "unlimited"), 2**64])
 def test_bug_rlimit_values_the_c_spec_cannot_hold(limit: Any, leak_check: Any) -> None:
     try:
@@ -659,14 +652,12 @@ def test_bug_rlimit_values_the_c_spec_cannot_hold(limit: Any, leak_check: Any) -
     assert Sandbox(spec).run(["/bin/true"]).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_TIMEOUT_NAN)
 def test_bug_timeout_nan() -> None:
     with pytest.raises(SpecError) as e:
         Spec(timeout=math.nan)
     assert e.value.field == "timeout"
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_CGROUP_VALUES)
 @pytest.mark.parametrize("limits", [{"pids": 2**31}, {"cpus": "-1"}, {"cpus": "0-999"}])
 def test_bug_cgroup_values_the_kernel_refuses(limits: dict[str, Any], cgroup_run: None, leak_check: Any) -> None:
     try:
@@ -676,7 +667,6 @@ def test_bug_cgroup_values_the_kernel_refuses(limits: dict[str, Any], cgroup_run
     assert r.returncode == 0
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_MEMORY_WRAP)
 def test_bug_memory_limit_wraps(cgroup_run: None, leak_check: Any) -> None:
     try:
         r = Sandbox(Spec(memory=2**64 + 4096)).run(["/bin/true"])
@@ -685,7 +675,6 @@ def test_bug_memory_limit_wraps(cgroup_run: None, leak_check: Any) -> None:
     assert r.returncode == 0 and not r.oom_killed, r.cause
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_DOUBLE_SLASH)
 def test_bug_double_slash_mount_point_hangs() -> None:
     kwargs = {"tmpfs": ["//x"]}
     code = f"from pytest_incarnate import Sandbox, Spec; print(Sandbox(Spec(**{kwargs!r})).run(['/bin/true']).returncode)"
@@ -696,13 +685,11 @@ def test_bug_double_slash_mount_point_hangs() -> None:
     assert r.returncode == 0 and ("SpecError" in r.stderr or r.stdout.strip() == "0"), r.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_CLI_JSON)
 def test_bug_cli_json_unwritable(tmp_path: Any) -> None:
     code, err = run_cli(["run", "--json", str(tmp_path / "no" / "such" / "dir" / "r.json"), "--", "/bin/true"])
     assert code != 0 and "--json" in err
 
 
-@pytest.mark.xfail(strict=True, raises=XFAIL_RAISES, reason=BUG_CLI_FIELD_NOT_FLAG)
 @pytest.mark.parametrize("flags, flag", [(["--chdir", "rel"], "--chdir"), (["--bind", "rel"], "--bind"),
                                          (["--ns", "bogus"], "--ns")])
 def test_bug_cli_names_the_field_not_the_flag(flags: list[str], flag: str) -> None:
