@@ -377,7 +377,7 @@ class Spec:
             raise SpecError("umask", self.umask, "must be a mode between 0 and 0o777")
 
     @classmethod
-    def from_kwargs(cls, source: str = "Spec", **kwargs: Any) -> Spec:
+    def from_kwargs(cls, source: str = "Spec", /, **kwargs: Any) -> Spec:
         """Build from keywords (a marker's, an ini value's), naming unknown ones."""
         known = {f.name for f in fields(cls)}
         for k in kwargs:
