@@ -21,7 +21,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -1045,8 +1047,12 @@ struct vm_ctx {
     int parent_ends[3];   /* the monitor's ends of the pipes, closed in the init */
     void *jb[5];          /* __builtin_setjmp in inc_enter */
     stack_t altstack;     /* the monitor's, which the kernel drops for a CLONE_VM child */
+    char *stack_top;      /* the init's stack */
 };
 static struct vm_ctx vm_ctx;
+/* The context the payload jumps back with: a global, read in the payload's copy of the
+ * memory (locals of the frame that called __builtin_setjmp are not reliable there). */
+static struct vm_ctx *vm_cur;
 
 /* glibc's restartable-sequences area (2.35+), registered again in the payload: the kernel
  * drops the registration of a CLONE_VM child, and the payload is a fork of one. */
@@ -1059,17 +1065,17 @@ extern const unsigned int __rseq_size __attribute__((weak));
 #endif
 
 /* In the payload, back from the jump: what a CLONE_VM child lost, given back. */
-static void vm_payload_restore(void)
+static void vm_payload_restore(const struct vm_ctx *v)
 {
-    if (!(vm_ctx.altstack.ss_flags & SS_DISABLE))
-        sigaltstack(&vm_ctx.altstack, NULL);
+    if (!(v->altstack.ss_flags & SS_DISABLE))
+        sigaltstack(&v->altstack, NULL);
 #if defined(INC_RSEQ_SIG) && defined(SYS_rseq)
     if (&__rseq_size != NULL && __rseq_size > 0)
         syscall(SYS_rseq, (char *)__builtin_thread_pointer() + __rseq_offset, 32, 0, INC_RSEQ_SIG);
 #endif
     /* The monitor was inside read() (asynchronous cancellation on) when it was copied. */
     pthread_setcanceltype(PTHREAD_CANCEL_DEFERRED, NULL);
-    sigprocmask(SIG_SETMASK, &vm_ctx.cx.oldmask, NULL);
+    sigprocmask(SIG_SETMASK, &v->cx.oldmask, NULL);
 }
 
 /* Shadow stacks (CET) would not survive the jump between stacks. */
@@ -1131,7 +1137,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
         vm->parent_ends[1] = errp[0];
         vm->parent_ends[2] = statp[0];
         int flags = spec->ns_flags | CLONE_VM | SIGCHLD | (spec->want_pidfd ? CLONE_PIDFD : 0);
-        pid = clone(vm_init_main, vm_init_stack + sizeof vm_init_stack, flags, vm, &pidfd);
+        pid = clone(vm_init_main, vm->stack_top, flags, vm, &pidfd);
         into_cgroup = 1;   /* it moves itself into its v2 cgroup too: nothing for the parent to write */
     } else {
         pid = parent_clone(spec, &pidfd, &used3, &into_cgroup);
@@ -1316,6 +1322,8 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
         vm = &vm_ctx;
         vm->spec = spec;
         vm->res = res;
+        vm->stack_top = vm_init_stack + sizeof vm_init_stack;
+        vm_cur = vm;
         sigaltstack(NULL, &vm->altstack);
         /* Every signal blocked while the init shares this memory and errno with the
          * monitor's setup: no handler runs in either meanwhile.  The caller's mask goes to
@@ -1325,8 +1333,8 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
         sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
         if (__builtin_setjmp(vm->jb)) {
             /* the payload (see vm_init_main) */
-            vm_payload_restore();
-            res = vm_ctx.res;
+            vm_payload_restore(vm_cur);
+            res = vm_cur->res;
             res->step = 0;
             res->pid = -1;
             res->pidfd = -1;
@@ -1353,4 +1361,75 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
         close(res->pidfd);
     monitor(res);
     return -1; /* not reached */
+}
+
+/* ------------------------------------------------------------ direct enter ---- */
+
+/* Direct enter: inc_enter's CLONE_VM start, called by the Python process itself instead of
+ * a forked monitor, so that the payload is the only copy of its memory.  The init shares
+ * the caller's memory for its whole life, on a stack of its own (inc_direct_new), and
+ * keeps to raw system calls once the caller runs again; the caller keeps `spec`, `res`
+ * and that memory until it has reaped the init, then frees the memory (inc_direct_free).
+ * The payload's memory flag "dumpable" is given back to it; the caller's stays cleared
+ * while any such init lives (the caller restores it: see sandbox.py). */
+#define INC_DIRECT_STACK (256 * 1024)
+
+int inc_direct_available(void)
+{
+#if INC_RAW_SYSCALLS
+    return !vm_shadow_stack_on();
+#else
+    return 0;
+#endif
+}
+
+void *inc_direct_new(void)
+{
+    size_t size = sizeof(struct vm_ctx) + INC_DIRECT_STACK;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void inc_direct_free(void *mem)
+{
+    if (mem != NULL)
+        munmap(mem, sizeof(struct vm_ctx) + INC_DIRECT_STACK);
+}
+
+int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem)
+{
+#if INC_RAW_SYSCALLS
+    struct vm_ctx *vm = mem;
+    memset(vm, 0, sizeof *vm);
+    vm->spec = spec;
+    vm->res = res;
+    /* 16-byte aligned, at the top of the mapping, above the context */
+    vm->stack_top = (char *)(((uintptr_t)mem + sizeof(struct vm_ctx) + INC_DIRECT_STACK) & ~(uintptr_t)15);
+    sigaltstack(NULL, &vm->altstack);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
+    vm_cur = vm;
+    if (__builtin_setjmp(vm->jb)) {
+        /* the payload (see vm_init_main) */
+        vm_payload_restore(vm_cur);
+        res = vm_cur->res;
+        res->step = 0;
+        res->pid = -1;
+        res->pidfd = -1;
+        res->status_fd = -1;
+        res->hold_fd = -1;
+        return 1;
+    }
+    int r = start(spec, res, 1, vm);
+    sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
+    return r < 0 ? -1 : 0;
+#else
+    (void)spec;
+    (void)mem;
+    res->step = INC_STEP_CLONE;
+    res->err = ENOSYS;
+    res->op_index = -1;
+    return -1;
+#endif
 }

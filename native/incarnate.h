@@ -164,6 +164,17 @@ int inc_spawn(const struct inc_spec *spec, struct inc_result *res);
  * Returns -1 in the calling process, with res filled, when setup failed. */
 int inc_enter(const struct inc_spec *spec, struct inc_result *res);
 
+/* Direct enter, for the calling process itself (single-threaded; the caller holds what
+ * fork would: see sandbox.py).  `mem` comes from inc_direct_new and is freed with
+ * inc_direct_free once the init (res->pid) is reaped; `spec` and `res` live as long.
+ * Returns 1 in the payload (pid 2 under the init), 0 in the caller with res->pid,
+ * res->pidfd and res->status_fd filled, or -1 with res filled and nothing left behind.
+ * inc_direct_available() is 0 where it cannot work (no raw system calls, shadow stacks). */
+int inc_direct_available(void);
+void *inc_direct_new(void);
+void inc_direct_free(void *mem);
+int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem);
+
 /* Decode a status record read from status_fd: the payload's raw wait status. */
 int inc_status_size(void);
 

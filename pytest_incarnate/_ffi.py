@@ -374,3 +374,102 @@ def enter(native: Native, spec: Any) -> None:
 
 
 STATUS_SIZE = lib.inc_status_size()
+
+
+# ---------------------------------------------------------------- direct enter
+# The caller itself starts the init (CLONE_VM), and the init forks the payload from the
+# caller's memory: one copy instead of two (a forked monitor, then the payload).  The call
+# goes through ctypes' PyDLL, which keeps the GIL held as os.fork does, between
+# PyOS_BeforeFork and PyOS_AfterFork_Parent/_Child (the interpreter's fork protocol: the
+# import lock, os.register_at_fork handlers, the thread states in the copy).
+
+
+@dataclass
+class DirectStarted:
+    """An init started by ``enter_direct``, sharing this process's memory until reaped."""
+
+    pid: int
+    pidfd: int
+    status_fd: int
+    mem: Any          # the init's context and stack (inc_direct_new)
+    keep: tuple[Any, ...]  # the spec and result the init reads, alive until it is reaped
+
+    def release(self) -> None:
+        """After the init is reaped: its stack, and the descriptors."""
+        if self.mem is not None:
+            lib.inc_direct_free(self.mem)
+            self.mem = None
+        self.release_fds()
+        self.keep = ()
+
+    def release_fds(self) -> None:
+        for name in ("pidfd", "status_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+
+_direct_call: Any = None
+
+
+def direct_available() -> bool:
+    """Direct enter works here: raw system calls, no shadow stack, ctypes' PyDLL."""
+    global _direct_call
+    if _direct_call is None:
+        try:
+            import ctypes
+
+            from pytest_incarnate import _native
+
+            fn = ctypes.PyDLL(_native.__file__).inc_enter_direct
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+            fn.restype = ctypes.c_int
+            api = ctypes.pythonapi
+            for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
+                getattr(api, name).argtypes = ()
+                getattr(api, name).restype = None
+            _direct_call = (fn, api) if lib.inc_direct_available() else False
+        except (ImportError, OSError, AttributeError):
+            _direct_call = False
+    return bool(_direct_call)
+
+
+def _addr(p: Any) -> int:
+    return int(ffi.cast("uintptr_t", p))
+
+
+def enter_direct(native: Native, spec: Any) -> DirectStarted | None:
+    """Enter the sandbox from this (single-threaded) process without forking it first.
+    Returns None in the payload; in the caller, the started init (to reap, then
+    ``release``).  Raises the typed error if setup failed, with nothing left behind."""
+    fn, api = _direct_call
+    mem = lib.inc_direct_new()
+    if mem == ffi.NULL:
+        raise CloneFailed(errno.ENOMEM, tuple(native.ns))
+    res = ffi.new("struct inc_result *")
+    stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1
+    api.PyOS_BeforeFork()
+    try:
+        rc = fn(_addr(spec), _addr(res), _addr(mem))
+    except BaseException:
+        api.PyOS_AfterFork_Parent()
+        lib.inc_direct_free(mem)
+        raise
+    if rc == 1:  # the payload
+        api.PyOS_AfterFork_Child()
+        if stage_fd >= 0:
+            os.close(stage_fd)
+        if _TEST_STAGE is not None:
+            _test_stage("after-mounts")
+        return None
+    api.PyOS_AfterFork_Parent()
+    if stage_fd >= 0:
+        os.close(stage_fd)
+    if rc != 0:
+        lib.inc_direct_free(mem)
+        raise error_for(native, res)
+    for fd in (res.hold_fd, res.pidfd):  # the payload reads its own upper layers; the init is waited for by pid
+        if fd >= 0:
+            os.close(fd)
+    return DirectStarted(res.pid, -1, res.status_fd, mem, (spec, res, native))

@@ -60,6 +60,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     sandbox = sys.modules.get("pytest_incarnate.sandbox")
     if sandbox is not None:
         sandbox.reap_pending()  # the last sandboxed test's processes, on their way out
+        sandbox.call_cache(False)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -26,7 +26,7 @@ import pytest
 
 from pytest_incarnate.errors import Degradation, IncarnateError, SandboxCrashed, SandboxTimeout, SpecError
 from pytest_incarnate.options import Settings
-from pytest_incarnate.sandbox import Sandbox, forked_enter, signal_name
+from pytest_incarnate.sandbox import Sandbox, call_cache, forked_enter, signal_name
 from pytest_incarnate.spec import Bind, Spec
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -308,6 +308,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     n_props = len(item.user_properties)
     t0 = time.monotonic()
     try:
+        call_cache(True)  # until the session ends (plugin.pytest_sessionfinish)
         out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup, reap_later=True)
     except SandboxCrashed as e:
         record.duration = time.monotonic() - t0

@@ -16,12 +16,14 @@ import resource
 import select
 import shutil
 import signal as _signal
+import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from pytest_incarnate import _ffi, cgroups, rootfs
 from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, DROP_SETGROUPS, Native, Op
@@ -854,9 +856,10 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
-    """Timeout: kill the whole sandbox; how many of its processes there were."""
-    inside = _descendants(monitor)  # the init and everything below it
+def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_init: bool = True) -> int:
+    """Timeout: kill the whole sandbox; how many of its processes there were.  ``monitor``
+    is the process above the init, or the init itself (``monitor_above_init`` false)."""
+    inside = _descendants(monitor)  # the init and everything below it (or what is below the init)
     if cg is not None:
         cg.kill_all()
     os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
@@ -865,27 +868,90 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
             os.kill(p, _signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return max(0, len(inside) - 1)  # not counting the init
+    return max(0, len(inside) - 1) if monitor_above_init else len(inside)  # not counting the init
 
 
 # Enter mode starts the init with CLONE_VM, so that only the payload copies the caller's
 # memory (INCARNATE_ENTER_VM=0 copies it for the init too, as before; for comparison).
 ENTER_VM = os.environ.get("INCARNATE_ENTER_VM", "1") != "0"
 
-_PENDING: list[int] = []  # monitors whose result is in, reaped at the next sandbox or at exit
+# The plugin's calls start the init straight from the pytest process when they can (see
+# _ffi.enter_direct): one copy of its memory per test instead of two.  INCARNATE_DIRECT=0
+# forks a monitor first, as before (also the path from threaded callers; for comparison).
+DIRECT = os.environ.get("INCARNATE_DIRECT", "1") != "0"
+
+# Finished sandboxed calls whose processes are on their way out, reaped at the next
+# sandbox or at exit: monitor pids, or inits started directly.
+_PENDING: list[int | _ffi.DirectStarted] = []
+_DIRECT_LIVE: list[_ffi.DirectStarted] = []  # inits sharing this process's memory
+_DUMPABLE: list[int] = []  # this process's dumpable flag before the first direct init
 
 
 def reap_pending() -> None:
-    """Reap the monitors of finished sandboxed calls (see ``reap_later``)."""
+    """Reap the monitors or inits of finished sandboxed calls (see ``reap_later``)."""
     while _PENDING:
-        pid = _PENDING.pop()
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+        item = _PENDING.pop()
+        if isinstance(item, int):
+            try:
+                os.waitpid(item, 0)
+            except ChildProcessError:
+                pass
+        else:
+            _reap_direct(item)
 
 
 atexit.register(reap_pending)
+
+
+def _prctl_dumpable(value: int | None = None) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if value is None:
+        return int(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+    return int(libc.prctl(4, value, 0, 0, 0))  # PR_SET_DUMPABLE
+
+
+def _reap_direct(init: _ffi.DirectStarted, block: bool = True) -> tuple[int, Any] | None:
+    """Wait for a directly started init; the payload's wait status (from its status
+    record; the init's own if there is none) and the rusage.  Once no such init shares
+    this process's memory any more, its dumpable flag is given back (the core clears it
+    so that a payload cannot reach this process through its init: see the core)."""
+    try:
+        _, status, usage = os.wait4(init.pid, 0)
+    except ChildProcessError:  # reaped behind our back (SIGCHLD ignored)
+        status, usage = 0, None
+    rec = b""
+    if init.status_fd >= 0:
+        try:
+            rec = os.read(init.status_fd, _ffi.STATUS_SIZE)
+        except OSError:
+            rec = b""
+    if len(rec) == _ffi.STATUS_SIZE:
+        status = int.from_bytes(rec, sys.byteorder, signed=True)
+    init.release()
+    if init in _DIRECT_LIVE:
+        _DIRECT_LIVE.remove(init)
+    if not _DIRECT_LIVE and _DUMPABLE and _DUMPABLE[0] == 1:
+        _prctl_dumpable(1)
+    return status, usage
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _direct_ok(native: Native) -> bool:
+    """The core can start the init from this process itself: enter mode with CLONE_VM, a
+    pid namespace and an init, and a single thread here (a copy of a threaded process
+    made without fork(3) could inherit a lock held by another thread)."""
+    return (DIRECT and native.enter_vm and "pid" in native.ns and native.use_init
+            and not (native.cgroup_dirfd >= 0 and native.cgroup_v2_procs[0] < 0)
+            and threading.current_thread() is threading.main_thread()
+            and _single_threaded() and _ffi.direct_available())
 
 
 def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = None,
@@ -909,43 +975,151 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
     return result
 
 
-def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
-                reap_later: bool = False) -> CallOutcome:
+def _payload_main(sandbox: Sandbox, native: Native, body: Callable[[], Any], w: int) -> NoReturn:
+    """In the payload: run ``body``, ship its outcome and the upper layers' entries, exit."""
+    code = 70
+    try:
+        cgroups.Run.forget_in_child()
+        _MOUNTS.close_in_payload()
+        if sandbox.spec.env is not None:
+            os.environ.clear()
+            os.environ.update(sandbox.spec.env)
+        try:
+            result: tuple[str, Any] = ("ok", body())
+        except BaseException as e:
+            result = ("err", e)
+        _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
+        os.close(w)  # EOF for the parent now, not after this process's memory is torn down
+        code = 0
+    finally:
+        os._exit(code)
+
+
+class _MountWatch:
+    """Whether this process's mount table changed since the last look: poll(2) on
+    /proc/self/mountinfo reports every change (POLLPRI), so that the table is not read
+    again for every call.  Per process: a forked copy opens its own."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.fd = -1
+        self.poller: Any = None
+        self.enabled = False  # the plugin turns it on for its session (see call_cache)
+
+    def close(self) -> None:
+        if self.fd >= 0 and self.pid == os.getpid():
+            os.close(self.fd)
+        self.fd, self.pid, self.poller = -1, -1, None
+
+    def changed(self) -> bool:
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+            self.poller.poll(0)
+            return True
+        return bool(self.poller.poll(0))
+
+    def close_in_payload(self) -> None:
+        """The payload does not keep a view of the host's mount table."""
+        if self.fd >= 0 and self.pid != os.getpid():
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+_MOUNTS = _MountWatch()
+_NATIVE_CACHE: dict[Any, tuple[Native, Any, bool]] = {}
+
+
+def call_cache(on: bool) -> None:
+    """Keep the core's spec of sandboxed calls between calls (on), or drop it and the
+    descriptor that watches the mount table (off).  The plugin turns it on for a session."""
+    _MOUNTS.enabled = on
+    if not on:
+        _MOUNTS.close()
+        _NATIVE_CACHE.clear()
+
+
+def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None) -> tuple[Native, Any, bool]:
+    """The core's spec for a sandboxed call, built once per spec and plan while nothing it
+    depends on changes (the working directory, the mount table, the fd limit): the
+    plugin's per-test path builds the same one for every test.  Specs naming host paths
+    (binds, overlays, a root of their own) are built each time: a path may change."""
+    spec = sandbox.spec
+    key: Any = None
+    if _MOUNTS.enabled and cg is None and not spec.binds and not spec.overlays and not spec.custom_root and _ffi._TEST_STAGE is None:
+        try:
+            key = (spec, p, os.getcwd(), resource.getrlimit(resource.RLIMIT_NOFILE), os.getpid(),
+                   sandbox._use_clone3, _single_threaded(), threading.current_thread() is threading.main_thread())
+            hash(key)
+        except (OSError, TypeError):
+            key = None
+    if key is not None:
+        if _MOUNTS.changed():
+            _NATIVE_CACHE.clear()
+        hit = _NATIVE_CACHE.get(key)
+        if hit is not None:
+            return hit
     native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True,
                              enter_vm=ENTER_VM)
-    cspec = native.build()  # allocated in the parent, before the fork
+    direct = _direct_ok(native)
+    if direct:
+        native = dataclasses.replace(native, expect_ppid=0)
+    built = (native, native.build(), direct)  # allocated in the parent, before the fork
+    if key is not None:
+        if len(_NATIVE_CACHE) >= 8:
+            _NATIVE_CACHE.pop(next(iter(_NATIVE_CACHE)))
+        _NATIVE_CACHE[key] = built
+    return built
+
+
+def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
+                reap_later: bool = False) -> CallOutcome:
+    native, cspec, direct = _native_for_call(sandbox, p, cg)
     r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
-    except BaseException:
-        os.close(r)
-        os.close(w)
-        raise
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 70
+    init: _ffi.DirectStarted | None = None
+    if direct:
+        if not _DUMPABLE:
+            _DUMPABLE.append(_prctl_dumpable())
         try:
+            init = _ffi.enter_direct(native, cspec)
+        except BaseException:
             os.close(r)
-            cgroups.Run.forget_in_child()
+            os.close(w)
+            raise
+        if init is None:  # pragma: no cover - runs in the payload
             try:
+                os.close(r)
+            finally:
+                _payload_main(sandbox, native, body, w)
+        _DIRECT_LIVE.append(init)
+        pid = init.pid
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+                pid = os.fork()
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                os.close(r)
+                cgroups.Run.forget_in_child()
                 _ffi.enter(native, cspec)
             except IncarnateError as e:
-                _write_all(w, pickle.dumps(("setup", e)))
-                code = 0
-            else:
-                if sandbox.spec.env is not None:
-                    os.environ.clear()
-                    os.environ.update(sandbox.spec.env)
                 try:
-                    result: tuple[str, Any] = ("ok", body())
-                except BaseException as e:
-                    result = ("err", e)
-                _write_all(w, _dump(result) + pickle.dumps(_upper_inside(native.layout)))
-                os.close(w)  # EOF for the parent now, not after this process's memory is torn down
-                code = 0
-        finally:
-            os._exit(code)
+                    _write_all(w, pickle.dumps(("setup", e)))
+                finally:
+                    os._exit(0)
+            except BaseException:
+                os._exit(70)
+            _payload_main(sandbox, native, body, w)
     os.close(w)
     chunks = []
     limit = sandbox.spec.timeout
@@ -953,12 +1127,13 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     timed_out = -1
     reaped = False
     parse_error: Exception | None = None
+    status, usage = 0, None
     try:
         while True:
             if deadline is not None:
                 ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
                 if not ready:
-                    timed_out = _kill_tree(pid, cg)
+                    timed_out = _kill_tree(pid, cg, monitor_above_init=not direct)
                     break
             try:
                 b = os.read(r, 1 << 16)
@@ -978,18 +1153,26 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             except Exception as e:  # a torn result: the status below says why
                 parse_error = e
         if parsed is not None and reap_later and cg is None and parsed[0] != "setup":
-            _PENDING.append(pid)  # the result is whole: its processes are on their way out
+            if init is not None:  # its status is not needed any more: no descriptor stays open
+                init.release_fds()
+            _PENDING.append(init if init is not None else pid)  # the result is whole: on their way out
             reaped = True
     finally:
         os.close(r)
         if not reaped:
-            _, status, usage = os.wait4(pid, 0)
+            if init is not None:
+                got = _reap_direct(init)
+                if got is not None:
+                    status, usage = got
+            else:
+                _, status, usage = os.wait4(pid, 0)
     if timed_out >= 0:
         _release_cgroup(cg)
         raise SandboxTimeout(limit or 0.0, timed_out)
     if not data:
         cpu = (sandbox.spec.rlimits or {}).get("cpu")
-        raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, usage.ru_utime + usage.ru_stime)
+        used = usage.ru_utime + usage.ru_stime if usage is not None else 0.0
+        raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, used)
     if parsed is None:
         raise SandboxCrashed(f"the sandboxed call's result could not be read back: {parse_error!r}") from parse_error
     kind, value, entries = parsed

@@ -136,6 +136,9 @@ try:
         out.update(outcome="ok", returncode=h.returncode, used_clone3=h.used_clone3,
                    changes=h.changes is not None, degradations=sorted(type(d).__name__ for d in h.degradations))
     else:
+        if mode == "call-forked":  # a monitor forked first, as from a threaded caller
+            import pytest_incarnate.sandbox as sandbox_module
+            sandbox_module.DIRECT = False
         o = sb.call_outcome(os.getpid)
         out.update(outcome="ok" if o.kind == "ok" else "raised", value=repr(o.value), changes=o.changes is not None,
                    degradations=sorted(type(d).__name__ for d in o.plan.degradations))
@@ -347,7 +350,8 @@ BUG_CGROUP_FD_LEAK = (
 @dataclass(frozen=True)
 class Case:
     id: str
-    mode: str                          # "run": Sandbox.spawn(["/bin/true"]); "call": Sandbox.call
+    mode: str                          # "run": Sandbox.spawn(["/bin/true"]); "call": Sandbox.call;
+                                       # "call-forked": Sandbox.call through a forked monitor
     spec: dict[str, Any]
     faults: tuple[tuple[str, str | Nth], ...]  # (syscall, when), each refused with the case's errno
     expect: dict[str, Any]             # the fields of the driver's report to compare
@@ -457,7 +461,10 @@ CASES = [
     Case("call-mount-rprivate", "call", COW, (("mount", "1"),), step("make-rprivate", "/")),
     Case("call-mount-overlay", "call", COW, (("mount", "4"),), step("mount-overlay")),
     Case("call-setsid", "call", COW, (("setsid", "1"),), step("setsid")),
-    Case("call-fork", "call", COW, (("clone", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
+    Case("call-clone-init", "call", COW, (("clone", "1"),), err("CloneFailed"),
+         note="direct enter (a single-threaded caller): the first clone is the init's, from the caller"),
+    Case("call-fork", "call-forked", COW, (("clone", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR,
+         note="a forked monitor (INCARNATE_DIRECT=0, or a threaded caller): os.fork"),
     Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-mountinfo", "call", COW, (("openat", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal")),  # fixed: now typed
@@ -534,7 +541,7 @@ NOT_INJECTED = frozenset({
     "gettid", "getuid", "geteuid", "getgid", "getegid", "set_robust_list", "rseq", "set_tid_address", "brk", "mmap",
     "munmap", "mprotect", "arch_prctl", "futex", "clock_gettime", "madvise", "rt_sigreturn", "sysinfo",
 })
-FULL_SETUPS = [("run", RO), ("run", COW), ("run", LIMITED), ("call", COW)]
+FULL_SETUPS = [("run", RO), ("run", COW), ("run", LIMITED), ("call", COW), ("call-forked", COW)]
 
 
 def calibrate(mode: str, spec: dict[str, Any]) -> dict[str, int]:

@@ -59,9 +59,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 STAGES = ("before-clone", "after-clone", "after-mounts", "during-call", "during-teardown")
-# The processes below the killed one at each stage, at least: the forked child; + the cloned
-# init; the monitor, init and payload; + the background sleep; none (the sandbox has ended).
+# The processes below the killed one at each stage, at least, when the call forks a monitor
+# first (an xdist worker: it has threads): the forked child; + the cloned init; the monitor,
+# init and payload; + the background sleep; none (the sandbox has ended).
 MIN_PROCS = {"before-clone": 1, "after-clone": 2, "after-mounts": 3, "during-call": 4, "during-teardown": 0}
+# A single-threaded pytest starts the init itself (direct enter): nothing yet; the init; the
+# init and payload; + the background sleep; none.
+MIN_PROCS_DIRECT = {"before-clone": 0, "after-clone": 1, "after-mounts": 2, "during-call": 3, "during-teardown": 0}
 # Sandbox.run in the test (spawn mode, no fork): nothing yet; the cloned init; the init and
 # the payload.
 SPAWN_STAGES = ("before-clone", "after-clone", "after-mounts")
@@ -240,7 +244,7 @@ class Round:
     def __init__(self, project: str, stage: str, mode: str) -> None:
         self.project, self.stage, self.mode = project, stage, mode
         self.xdist = mode == "xdist"
-        self.min_procs = (MIN_PROCS_SPAWN if mode == "spawn" else MIN_PROCS)[stage]
+        self.min_procs = {"spawn": MIN_PROCS_SPAWN, "xdist": MIN_PROCS}.get(mode, MIN_PROCS_DIRECT)[stage]
         self.fifo = os.path.join(project, "stage.fifo")
         if not os.path.exists(self.fifo):
             os.mkfifo(self.fifo)

@@ -144,8 +144,7 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
     with open("/proc/self/mountinfo") as f:
         mounts_before = len(f.readlines())
 
-    # The killed pytest's child (the forked process that entered the sandbox) and the
-    # sandbox's init are orphaned by the kill. As a subreaper, this process adopts them and
+    # The sandbox's init (and a forked monitor, if there is one) is orphaned by the kill. As a subreaper, this process adopts them and
     # reaps them, so "gone from /proc" can be checked exactly. (pid 1 here reaps orphans only
     # every few seconds.)
     was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
@@ -165,10 +164,11 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
             in_cgroup = _procs(run_id)
             # the init, the test's process, its shell and the two sleeps
             assert len(in_cgroup) >= 5, (run_id, in_cgroup)
-            # and, outside the cgroup, the forked process that entered the sandbox (its
-            # init's parent): every process of the run is below the pytest process
+            # every process of the run is below the pytest process (the init is its child:
+            # pytest starts it itself; a forked monitor, from a threaded caller, would be
+            # below it too, outside the cgroup)
             below = _descendants(proc.pid)
-            assert in_cgroup < below, (run_id, in_cgroup, below)
+            assert in_cgroup <= below, (run_id, in_cgroup, below)
             for pid in below:
                 start = _start_time(pid)
                 try:
