@@ -887,17 +887,26 @@ _DIRECT_LIVE: list[_ffi.DirectStarted] = []  # inits sharing this process's memo
 _DUMPABLE: list[int] = []  # this process's dumpable flag before the first direct init
 
 
-def reap_pending() -> None:
-    """Reap the monitors or inits of finished sandboxed calls (see ``reap_later``)."""
-    while _PENDING:
-        item = _PENDING.pop()
-        if isinstance(item, int):
-            try:
-                os.waitpid(item, 0)
-            except ChildProcessError:
-                pass
-        else:
-            _reap_direct(item)
+_PENDING_MAX = 4  # at most this many finished sandboxes still on their way out
+
+
+def reap_pending(block: bool = True) -> None:
+    """Reap the monitors or inits of finished sandboxed calls (see ``reap_later``).  Not
+    blocking: only those already gone, and the oldest while more than _PENDING_MAX are
+    left (a sandbox's exit, its copy of the memory torn down, then overlaps the next test)."""
+    keep: list[int | _ffi.DirectStarted] = []
+    for i, item in enumerate(_PENDING):
+        wait = block or len(_PENDING) - i > _PENDING_MAX
+        pid = item if isinstance(item, int) else item.pid
+        try:
+            done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done == 0:
+            keep.append(item)
+        elif not isinstance(item, int):
+            _reap_direct(item, reaped=True)
+    _PENDING[:] = keep
 
 
 atexit.register(reap_pending)
@@ -912,15 +921,17 @@ def _prctl_dumpable(value: int | None = None) -> int:
     return int(libc.prctl(4, value, 0, 0, 0))  # PR_SET_DUMPABLE
 
 
-def _reap_direct(init: _ffi.DirectStarted, block: bool = True) -> tuple[int, Any] | None:
+def _reap_direct(init: _ffi.DirectStarted, reaped: bool = False) -> tuple[int, Any] | None:
     """Wait for a directly started init; the payload's wait status (from its status
     record; the init's own if there is none) and the rusage.  Once no such init shares
     this process's memory any more, its dumpable flag is given back (the core clears it
     so that a payload cannot reach this process through its init: see the core)."""
-    try:
-        _, status, usage = os.wait4(init.pid, 0)
-    except ChildProcessError:  # reaped behind our back (SIGCHLD ignored)
-        status, usage = 0, None
+    status, usage = 0, None
+    if not reaped:
+        try:
+            _, status, usage = os.wait4(init.pid, 0)
+        except ChildProcessError:  # reaped behind our back (SIGCHLD ignored)
+            pass
     rec = b""
     if init.status_fd >= 0:
         try:
@@ -963,7 +974,7 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
     cgroup is released here either way.  ``reap_later``: once the whole result is in (and
     without cgroups to release), the sandbox's processes, already on their way out, are
     reaped at the next call or at exit instead of now (the plugin's per-test path)."""
-    reap_pending()
+    reap_pending(block=False)
     cg, cg_degr = cgroup if cgroup is not None else sandbox._cgroup()
     try:
         plan, out = sandbox._run_native(plan or sandbox.plan(),
