@@ -153,7 +153,8 @@ static size_t c_strlen(const char *s)
     return n;
 }
 
-static void c_write_all(int fd, const void *buf, size_t len)
+/* Returns 0, or -1 with errno. */
+static int c_write_all(int fd, const void *buf, size_t len)
 {
     const char *p = buf;
     while (len > 0) {
@@ -161,11 +162,12 @@ static void c_write_all(int fd, const void *buf, size_t len)
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            return;
+            return -1;
         }
         p += w;
         len -= (size_t)w;
     }
+    return 0;
 }
 
 static void child_fail(const struct inc_child *cx, int step, int err, int op_index)
@@ -424,6 +426,26 @@ static int child_pivot(const char *newroot)
     return chdir("/");
 }
 
+/* Tell the parent something (a record that is not an error).  A record that cannot be
+ * written is a failure of the op (INC_STEP_RECORD): the parent must not wait for a request
+ * that never comes, nor take the child's silence for success. */
+static void child_note(const struct inc_child *cx, int step, int index, int pad)
+{
+    struct inc_record rec = {step, 0, index, pad};
+    if (c_write_all(cx->err_w, &rec, sizeof rec) < 0)
+        child_fail(cx, INC_STEP_RECORD, errno, index);
+}
+
+static int child_read_go(const struct inc_child *cx);
+
+/* A request: the record, then wait for the parent's answer (the go byte). */
+static void child_request(const struct inc_child *cx, int step, int index, int pad)
+{
+    child_note(cx, step, index, pad);
+    if (child_read_go(cx) < 0)
+        _exit(127);   /* the parent gave up (it reports why) or died */
+}
+
 static int child_read_go(const struct inc_child *cx)
 {
     char go = 0;
@@ -467,16 +489,12 @@ static int child_unshare(struct inc_child *cx, const struct inc_op *op, int inde
             return -1;
         return 0;
     }
-    if (flags & CLONE_NEWUSER) {
-        struct inc_record rec = {INC_STEP_MAPS_REQUEST, 0, index, 0};
-        c_write_all(cx->err_w, &rec, sizeof rec);
-        if (child_read_go(cx) < 0)
-            _exit(127);   /* the parent gave up (it reports why) or died */
-    }
+    if (flags & CLONE_NEWUSER)
+        child_request(cx, INC_STEP_MAPS_REQUEST, index, 0);
     return 0;
 }
 
-static int child_hold(struct inc_child *cx, const struct inc_op *op)
+static int child_hold(struct inc_child *cx, const struct inc_op *op, int index)
 {
     int fd = open(op->a, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
@@ -493,10 +511,7 @@ static int child_hold(struct inc_child *cx, const struct inc_op *op)
     cx->hold_fd = op->ival;
     /* Pause until the parent has taken its duplicate (pidfd_getfd): a payload that ends at
      * once must not take the init, and the fd, with it before that. */
-    struct inc_record rec = {INC_STEP_HOLD_READY, 0, -1, op->ival};
-    c_write_all(cx->err_w, &rec, sizeof rec);
-    if (child_read_go(cx) < 0)
-        _exit(127);
+    child_request(cx, INC_STEP_HOLD_READY, index, op->ival);
     return 0;
 }
 
@@ -514,7 +529,7 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
         return (int)syscall(SYS_sched_setaffinity, 0, sizeof mask, mask);
     }
     case INC_OP_HOLD:
-        return child_hold(cx, op);
+        return child_hold(cx, op, index);
     case INC_OP_SYMLINK:
         if (symlink(op->a, op->b) < 0 && errno != EEXIST)
             return -1;
@@ -1032,6 +1047,32 @@ static int parent_read_record(int fd, struct inc_record *rec)
     return 1;
 }
 
+/* Let the child go (the go byte), then read its next record: as parent_read_record, or -2
+ * with res filled when the go byte could not be written.  A child that is alive waits for
+ * the byte, so its error pipe must not be read then; one that is gone (EPIPE) may have
+ * said why before it went, and its pipe is at EOF after that. */
+static int parent_go(int sync_w, int err_r, struct inc_record *rec, struct inc_result *res)
+{
+    ssize_t w;
+    do {
+        w = write(sync_w, "g", 1);
+    } while (w < 0 && errno == EINTR);
+    if (w == 1)
+        return parent_read_record(err_r, rec);
+    int werr = w < 0 ? errno : EIO;
+    if (werr == EPIPE) {
+        int r = parent_read_record(err_r, rec);
+        if (r != 0)
+            return r;   /* its record (an error), or a torn one */
+        res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
+        res->err = EPIPE;
+        return -2;
+    }
+    res->step = INC_STEP_GO;
+    res->err = werr;
+    return -2;
+}
+
 /* Enter mode with CLONE_VM: the monitor (the caller of inc_enter, a fork of the Python
  * process) starts the init sharing its memory, on a stack of its own, so that its address
  * space is not copied for the init; only the payload is a copy.  The init forks the
@@ -1171,16 +1212,10 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
         res->err = errno;
         goto fail_child;
     }
-    ssize_t w;
-    do {
-        w = write(sync[1], "g", 1);
-    } while (w < 0 && errno == EINTR);
-    int werr = errno;
-
     /* sync[1] stays open until the payload runs: the child checks it to know that its
      * parent is still alive after its last setup step. */
     struct inc_record rec;
-    int r = parent_read_record(errp[0], &rec);
+    int r = parent_go(sync[1], errp[0], &rec, res);
     while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY)) {
         if (rec.step == INC_STEP_MAPS_REQUEST) {
             /* The child entered its user namespace after its privileged setup (unshare):
@@ -1194,16 +1229,10 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
         } else if (pidfd >= 0 && res->hold_fd < 0) {
             res->hold_fd = inc_pidfd_getfd(pidfd, rec.pad);   /* -1 if not permitted */
         }
-        do {
-            w = write(sync[1], "g", 1);
-        } while (w < 0 && errno == EINTR);
-        r = parent_read_record(errp[0], &rec);
+        r = parent_go(sync[1], errp[0], &rec, res);
     }
-    if (w != 1 && r == 0) {
-        res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
-        res->err = werr ? werr : EPIPE;
-        goto fail_child;
-    }
+    if (r == -2)
+        goto fail_child;   /* the go byte could not be written: res says why */
     close_if(&sync[1]);
     if (r != 0) {
         if (r < 0) {

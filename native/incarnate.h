@@ -93,6 +93,9 @@ enum inc_step {
     INC_STEP_MAPS_REQUEST, /* not an error: the child asks the parent for its id maps */
     INC_STEP_HOLD_READY,   /* not an error: the held fd is in place for pidfd_getfd */
     INC_STEP_CGROUP,       /* writing the child's pid into a cgroup.procs (op_index: which) */
+    INC_STEP_GO,           /* the parent's write of the go byte (sync pipe) failed */
+    INC_STEP_RECORD,       /* the child could not write a record (its request for id maps, the
+                              held fd's readiness) to the parent: op_index = the op */
     INC_STEP__MAX
 };
 

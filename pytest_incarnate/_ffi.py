@@ -110,6 +110,11 @@ STEP_NAMES = {
     lib.INC_STEP_EXEC: "exec",
     lib.INC_STEP_WAIT: "wait",
     lib.INC_STEP_SETSID: "setsid",
+    lib.INC_STEP_GO: "go-byte",
+}
+_RECORDS = {
+    lib.INC_OP_UNSHARE: "its request for its id maps",
+    lib.INC_OP_HOLD: "word that the upper layers' fd is held",
 }
 STEP_OP = lib.INC_STEP_OP
 
@@ -254,6 +259,12 @@ def error_for(native: Native, res: Any) -> IncarnateError:
                 "or one under a tmpfs of the Spec (such as /tmp)"
             )
         return SetupStepFailed(op.kind, err, op.path, detail=detail)
+    if step == lib.INC_STEP_RECORD and 0 <= idx < len(native.ops):
+        op = native.ops[idx]
+        what = _RECORDS.get(OP_KINDS[op.kind], "a record")
+        return SetupStepFailed(op.kind, err, op.path, detail=f"the child could not send the parent {what}")
+    if step == lib.INC_STEP_GO:
+        return SetupStepFailed("go-byte", err, detail="the parent could not write the go byte into the sync pipe")
     if step == lib.INC_STEP_CGROUP:
         path = native.cgroup_procs[idx][1] if 0 <= idx < len(native.cgroup_procs) else native.cgroup_v2_procs[1]
         return SetupStepFailed("cgroup", err, path, detail="placing the sandbox in its cgroup")
