@@ -819,8 +819,18 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
     child_enter_cgroups(spec, cx);
 
     for (int i = 0; i < spec->n_ops; i++) {
-        if (child_op(cx, &spec->ops[i], i) < 0)
-            child_fail(cx, INC_STEP_OP, errno, i);
+        const struct inc_op *op = &spec->ops[i];
+        if (child_op(cx, op, i) == 0)
+            continue;
+        int e = errno;
+        if (e != ENOENT || !(op->flags & INC_OP_OPTIONAL))
+            child_fail(cx, INC_STEP_OP, e, i);
+        /* An optional op whose source or target is gone (a host mount unmounted since the
+         * plan): skipped, with the ops that depend on it (what is mounted under it).  A
+         * failed mount op leaves nothing behind. */
+        child_note(cx, INC_STEP_SKIPPED, i, 0);
+        if (op->dependents > 0)
+            i += op->dependents < spec->n_ops - 1 - i ? op->dependents : spec->n_ops - 1 - i;
     }
     if (spec->die_with_parent) {
         /* Changing ids or capabilities (drop-privileges) clears the parent-death signal:
@@ -1153,6 +1163,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
     res->used_clone3 = 0;
     res->hold_fd = -1;
     res->into_cgroup = 0;
+    res->n_skipped = 0;
 
     if (pipe2(sync, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || (with_init && pipe2(statp, O_CLOEXEC) < 0)) {
         res->step = INC_STEP_PIPE;
@@ -1216,7 +1227,16 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
      * parent is still alive after its last setup step. */
     struct inc_record rec;
     int r = parent_go(sync[1], errp[0], &rec, res);
-    while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY)) {
+    while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY
+                      || rec.step == INC_STEP_SKIPPED)) {
+        if (rec.step == INC_STEP_SKIPPED) {
+            /* Not a request: the child goes on by itself. */
+            if (res->n_skipped < (int)(sizeof res->skipped / sizeof res->skipped[0]))
+                res->skipped[res->n_skipped] = rec.op_index;
+            res->n_skipped++;
+            r = parent_read_record(errp[0], &rec);
+            continue;
+        }
         if (rec.step == INC_STEP_MAPS_REQUEST) {
             /* The child entered its user namespace after its privileged setup (unshare):
              * write its maps from here, in the parent user namespace. */
@@ -1269,6 +1289,46 @@ fail_pipes:
 int inc_spawn(const struct inc_spec *spec, struct inc_result *res)
 {
     return start(spec, res, 0, NULL) < 0 ? -1 : 0;
+}
+
+/* The kernel's struct statx up to stx_mnt_id (glibc's names it a spare field), 256 bytes. */
+struct inc_statx {
+    uint32_t mask, blksize;
+    uint64_t attributes;
+    uint32_t nlink, uid, gid;
+    uint16_t mode, pad1;
+    uint64_t ino, size, blocks, attributes_mask;
+    uint64_t times[8];   /* atime, btime, ctime, mtime: {s64 sec, u32 nsec, s32 pad} each */
+    uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+    uint64_t mnt_id;
+    uint64_t spare[13];
+};
+_Static_assert(sizeof(struct inc_statx) == 256 && offsetof(struct inc_statx, mnt_id) == 144, "struct statx layout");
+#define INC_STATX_TYPE 0x1U
+#define INC_STATX_MNT_ID 0x1000U
+#define INC_AT_STATX_DONT_SYNC 0x4000
+
+int inc_mount_id(const char *path, uint64_t *mnt_id, uint32_t *mode)
+{
+#ifdef SYS_statx
+    struct inc_statx stx;
+    memset(&stx, 0, sizeof stx);
+    /* Not following the last component (a mount point is never a symlink), not triggering
+     * an automount, and no round trip to a network filesystem's server. */
+    if (syscall(SYS_statx, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | INC_AT_STATX_DONT_SYNC,
+                INC_STATX_TYPE | INC_STATX_MNT_ID, &stx) < 0)
+        return -1;
+    if (!(stx.mask & INC_STATX_MNT_ID)) {
+        errno = ENOSYS;   /* before Linux 5.8 */
+        return -1;
+    }
+    *mnt_id = stx.mnt_id;
+    *mode = stx.mode & S_IFMT;
+    return 0;
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 int inc_pidfd_getfd(int pidfd, int targetfd)
