@@ -155,7 +155,8 @@ static size_t c_strlen(const char *s)
     return n;
 }
 
-static void c_write_all(int fd, const void *buf, size_t len)
+/* Returns 0, or -1 with errno. */
+static int c_write_all(int fd, const void *buf, size_t len)
 {
     const char *p = buf;
     while (len > 0) {
@@ -163,11 +164,12 @@ static void c_write_all(int fd, const void *buf, size_t len)
         if (w < 0) {
             if (errno == EINTR)
                 continue;
-            return;
+            return -1;
         }
         p += w;
         len -= (size_t)w;
     }
+    return 0;
 }
 
 static void child_fail(const struct inc_child *cx, int step, int err, int op_index)
@@ -426,6 +428,26 @@ static int child_pivot(const char *newroot)
     return chdir("/");
 }
 
+/* Tell the parent something (a record that is not an error).  A record that cannot be
+ * written is a failure of the op (INC_STEP_RECORD): the parent must not wait for a request
+ * that never comes, nor take the child's silence for success. */
+static void child_note(const struct inc_child *cx, int step, int index, int pad)
+{
+    struct inc_record rec = {step, 0, index, pad};
+    if (c_write_all(cx->err_w, &rec, sizeof rec) < 0)
+        child_fail(cx, INC_STEP_RECORD, errno, index);
+}
+
+static int child_read_go(const struct inc_child *cx);
+
+/* A request: the record, then wait for the parent's answer (the go byte). */
+static void child_request(const struct inc_child *cx, int step, int index, int pad)
+{
+    child_note(cx, step, index, pad);
+    if (child_read_go(cx) < 0)
+        _exit(127);   /* the parent gave up (it reports why) or died */
+}
+
 static int child_read_go(const struct inc_child *cx)
 {
     char go = 0;
@@ -469,16 +491,12 @@ static int child_unshare(struct inc_child *cx, const struct inc_op *op, int inde
             return -1;
         return 0;
     }
-    if (flags & CLONE_NEWUSER) {
-        struct inc_record rec = {INC_STEP_MAPS_REQUEST, 0, index, 0};
-        c_write_all(cx->err_w, &rec, sizeof rec);
-        if (child_read_go(cx) < 0)
-            _exit(127);   /* the parent gave up (it reports why) or died */
-    }
+    if (flags & CLONE_NEWUSER)
+        child_request(cx, INC_STEP_MAPS_REQUEST, index, 0);
     return 0;
 }
 
-static int child_hold(struct inc_child *cx, const struct inc_op *op)
+static int child_hold(struct inc_child *cx, const struct inc_op *op, int index)
 {
     int fd = open(op->a, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
@@ -495,10 +513,7 @@ static int child_hold(struct inc_child *cx, const struct inc_op *op)
     cx->hold_fd = op->ival;
     /* Pause until the parent has taken its duplicate (pidfd_getfd): a payload that ends at
      * once must not take the init, and the fd, with it before that. */
-    struct inc_record rec = {INC_STEP_HOLD_READY, 0, -1, op->ival};
-    c_write_all(cx->err_w, &rec, sizeof rec);
-    if (child_read_go(cx) < 0)
-        _exit(127);
+    child_request(cx, INC_STEP_HOLD_READY, index, op->ival);
     return 0;
 }
 
@@ -516,7 +531,7 @@ static int child_op(struct inc_child *cx, const struct inc_op *op, int index)
         return (int)syscall(SYS_sched_setaffinity, 0, sizeof mask, mask);
     }
     case INC_OP_HOLD:
-        return child_hold(cx, op);
+        return child_hold(cx, op, index);
     case INC_OP_SYMLINK:
         if (symlink(op->a, op->b) < 0 && errno != EEXIST)
             return -1;
@@ -806,8 +821,18 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
     child_enter_cgroups(spec, cx);
 
     for (int i = 0; i < spec->n_ops; i++) {
-        if (child_op(cx, &spec->ops[i], i) < 0)
-            child_fail(cx, INC_STEP_OP, errno, i);
+        const struct inc_op *op = &spec->ops[i];
+        if (child_op(cx, op, i) == 0)
+            continue;
+        int e = errno;
+        if (e != ENOENT || !(op->flags & INC_OP_OPTIONAL))
+            child_fail(cx, INC_STEP_OP, e, i);
+        /* An optional op whose source or target is gone (a host mount unmounted since the
+         * plan): skipped, with the ops that depend on it (what is mounted under it).  A
+         * failed mount op leaves nothing behind. */
+        child_note(cx, INC_STEP_SKIPPED, i, 0);
+        if (op->dependents > 0)
+            i += op->dependents < spec->n_ops - 1 - i ? op->dependents : spec->n_ops - 1 - i;
     }
     if (spec->die_with_parent) {
         /* Changing ids or capabilities (drop-privileges) clears the parent-death signal:
@@ -1034,6 +1059,32 @@ static int parent_read_record(int fd, struct inc_record *rec)
     return 1;
 }
 
+/* Let the child go (the go byte), then read its next record: as parent_read_record, or -2
+ * with res filled when the go byte could not be written.  A child that is alive waits for
+ * the byte, so its error pipe must not be read then; one that is gone (EPIPE) may have
+ * said why before it went, and its pipe is at EOF after that. */
+static int parent_go(int sync_w, int err_r, struct inc_record *rec, struct inc_result *res)
+{
+    ssize_t w;
+    do {
+        w = write(sync_w, "g", 1);
+    } while (w < 0 && errno == EINTR);
+    if (w == 1)
+        return parent_read_record(err_r, rec);
+    int werr = w < 0 ? errno : EIO;
+    if (werr == EPIPE) {
+        int r = parent_read_record(err_r, rec);
+        if (r != 0)
+            return r;   /* its record (an error), or a torn one */
+        res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
+        res->err = EPIPE;
+        return -2;
+    }
+    res->step = INC_STEP_GO;
+    res->err = werr;
+    return -2;
+}
+
 /* Enter mode with CLONE_VM: the monitor (the caller of inc_enter, a fork of the Python
  * process) starts the init sharing its memory, on a stack of its own, so that its address
  * space is not copied for the init; only the payload is a copy.  The init forks the
@@ -1118,6 +1169,7 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
     res->used_clone3 = 0;
     res->hold_fd = -1;
     res->into_cgroup = 0;
+    res->n_skipped = 0;
 
     if (pipe2(sync, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || (with_init && pipe2(statp, O_CLOEXEC) < 0)) {
         res->step = INC_STEP_PIPE;
@@ -1177,17 +1229,20 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
         res->err = errno;
         goto fail_child;
     }
-    ssize_t w;
-    do {
-        w = write(sync[1], "g", 1);
-    } while (w < 0 && errno == EINTR);
-    int werr = errno;
-
     /* sync[1] stays open until the payload runs: the child checks it to know that its
      * parent is still alive after its last setup step. */
     struct inc_record rec;
-    int r = parent_read_record(errp[0], &rec);
-    while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY)) {
+    int r = parent_go(sync[1], errp[0], &rec, res);
+    while (r == 1 && (rec.step == INC_STEP_MAPS_REQUEST || rec.step == INC_STEP_HOLD_READY
+                      || rec.step == INC_STEP_SKIPPED)) {
+        if (rec.step == INC_STEP_SKIPPED) {
+            /* Not a request: the child goes on by itself. */
+            if (res->n_skipped < (int)(sizeof res->skipped / sizeof res->skipped[0]))
+                res->skipped[res->n_skipped] = rec.op_index;
+            res->n_skipped++;
+            r = parent_read_record(errp[0], &rec);
+            continue;
+        }
         if (rec.step == INC_STEP_MAPS_REQUEST) {
             /* The child entered its user namespace after its privileged setup (unshare):
              * write its maps from here, in the parent user namespace. */
@@ -1200,16 +1255,10 @@ static int start(const struct inc_spec *spec, struct inc_result *res, int enter,
         } else if (pidfd >= 0 && res->hold_fd < 0) {
             res->hold_fd = inc_pidfd_getfd(pidfd, rec.pad);   /* -1 if not permitted */
         }
-        do {
-            w = write(sync[1], "g", 1);
-        } while (w < 0 && errno == EINTR);
-        r = parent_read_record(errp[0], &rec);
+        r = parent_go(sync[1], errp[0], &rec, res);
     }
-    if (w != 1 && r == 0) {
-        res->step = INC_STEP_SYNC;   /* the child died before reading go, without a word */
-        res->err = werr ? werr : EPIPE;
-        goto fail_child;
-    }
+    if (r == -2)
+        goto fail_child;   /* the go byte could not be written: res says why */
     close_if(&sync[1]);
     if (r != 0) {
         if (r < 0) {
@@ -1246,6 +1295,46 @@ fail_pipes:
 int inc_spawn(const struct inc_spec *spec, struct inc_result *res)
 {
     return start(spec, res, 0, NULL) < 0 ? -1 : 0;
+}
+
+/* The kernel's struct statx up to stx_mnt_id (glibc's names it a spare field), 256 bytes. */
+struct inc_statx {
+    uint32_t mask, blksize;
+    uint64_t attributes;
+    uint32_t nlink, uid, gid;
+    uint16_t mode, pad1;
+    uint64_t ino, size, blocks, attributes_mask;
+    uint64_t times[8];   /* atime, btime, ctime, mtime: {s64 sec, u32 nsec, s32 pad} each */
+    uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+    uint64_t mnt_id;
+    uint64_t spare[13];
+};
+_Static_assert(sizeof(struct inc_statx) == 256 && offsetof(struct inc_statx, mnt_id) == 144, "struct statx layout");
+#define INC_STATX_TYPE 0x1U
+#define INC_STATX_MNT_ID 0x1000U
+#define INC_AT_STATX_DONT_SYNC 0x4000
+
+int inc_mount_id(const char *path, uint64_t *mnt_id, uint32_t *mode)
+{
+#ifdef SYS_statx
+    struct inc_statx stx;
+    memset(&stx, 0, sizeof stx);
+    /* Not following the last component (a mount point is never a symlink), not triggering
+     * an automount, and no round trip to a network filesystem's server. */
+    if (syscall(SYS_statx, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | INC_AT_STATX_DONT_SYNC,
+                INC_STATX_TYPE | INC_STATX_MNT_ID, &stx) < 0)
+        return -1;
+    if (!(stx.mask & INC_STATX_MNT_ID)) {
+        errno = ENOSYS;   /* before Linux 5.8 */
+        return -1;
+    }
+    *mnt_id = stx.mnt_id;
+    *mode = stx.mode & S_IFMT;
+    return 0;
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 int inc_pidfd_getfd(int pidfd, int targetfd)

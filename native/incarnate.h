@@ -58,6 +58,11 @@ enum inc_op_kind {
 #define INC_BIND_REC     0x4   /* recursive bind (submounts too) */
 #define INC_DROP_SETGROUPS 0x1
 #define INC_UNSHARE_SELF_MAP 0x1 /* INC_OP_UNSHARE with CLONE_NEWUSER: map the own id (a, b) */
+/* Any op kind: optional.  ENOENT from it (its source or target vanished since the parent
+ * planned it: a host mount unmounted, its mount point removed) skips it, together with the
+ * `dependents` ops right after it (the mounts nested under it), instead of failing the
+ * setup.  The child tells the parent (an INC_STEP_SKIPPED record: inc_result.n_skipped). */
+#define INC_OP_OPTIONAL  0x10000
 
 struct inc_op {
     int kind;
@@ -70,6 +75,7 @@ struct inc_op {
     const char *c;
     uint64_t v1;
     uint64_t v2;
+    int dependents;        /* with INC_OP_OPTIONAL: the ops right after it skipped with it */
 };
 
 /* Steps named in errors.  Values are stable: Python maps them to names. */
@@ -93,6 +99,10 @@ enum inc_step {
     INC_STEP_MAPS_REQUEST, /* not an error: the child asks the parent for its id maps */
     INC_STEP_HOLD_READY,   /* not an error: the held fd is in place for pidfd_getfd */
     INC_STEP_CGROUP,       /* writing the child's pid into a cgroup.procs (op_index: which) */
+    INC_STEP_GO,           /* the parent's write of the go byte (sync pipe) failed */
+    INC_STEP_RECORD,       /* the child could not write a record (its request for id maps, the
+                              held fd's readiness, a skipped op) to the parent: op_index = the op */
+    INC_STEP_SKIPPED,      /* not an error: an optional op was skipped (op_index) */
     INC_STEP__MAX
 };
 
@@ -150,6 +160,8 @@ struct inc_result {
     int used_clone3; /* 1 if clone3 created the child, 0 if clone(2) did */
     int hold_fd;     /* INC_OP_HOLD: the caller's duplicate of the held directory, else -1 */
     int into_cgroup; /* 1 if CLONE_INTO_CGROUP placed the child */
+    int n_skipped;   /* optional ops skipped (INC_OP_OPTIONAL, ENOENT), dependents not counted */
+    int skipped[16]; /* the op indices of the first 16 of them */
 };
 
 /* Spawn: clone the child into the namespaces, write its id maps, let it run the ops and
@@ -177,6 +189,12 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
 
 /* Decode a status record read from status_fd: the payload's raw wait status. */
 int inc_status_size(void);
+
+/* The mount id (statx STATX_MNT_ID, the first field of /proc/self/mountinfo) of what `path`
+ * resolves to, its last component not followed and no automount triggered, and its file
+ * type (S_IFMT bits).  Returns 0, or -1 with errno (ENOSYS: the kernel has no STATX_MNT_ID).
+ * Parent side. */
+int inc_mount_id(const char *path, uint64_t *mnt_id, uint32_t *mode);
 
 /* pidfd_getfd(2): a duplicate of fd `targetfd` of the process behind `pidfd`, or -1. */
 int inc_pidfd_getfd(int pidfd, int targetfd);

@@ -75,6 +75,7 @@ BIND_CREATE = lib.INC_BIND_CREATE
 BIND_REC = lib.INC_BIND_REC
 DROP_SETGROUPS = lib.INC_DROP_SETGROUPS
 UNSHARE_SELF_MAP = lib.INC_UNSHARE_SELF_MAP
+OPTIONAL = lib.INC_OP_OPTIONAL  # any op: ENOENT skips it and its ``dependents`` (see Op)
 _U64 = (1 << 64) - 1
 
 # The strings each op kind reads in the child (a NULL there would crash it).
@@ -110,13 +111,22 @@ STEP_NAMES = {
     lib.INC_STEP_EXEC: "exec",
     lib.INC_STEP_WAIT: "wait",
     lib.INC_STEP_SETSID: "setsid",
+    lib.INC_STEP_GO: "go-byte",
+}
+_RECORDS = {
+    lib.INC_OP_UNSHARE: "its request for its id maps",
+    lib.INC_OP_HOLD: "word that the upper layers' fd is held",
 }
 STEP_OP = lib.INC_STEP_OP
 
 
 @dataclass(frozen=True)
 class Op:
-    """One child operation.  a/b/c are the C strings; ``path`` is what errors show."""
+    """One child operation.  a/b/c are the C strings; ``path`` is what errors show.
+
+    With ``OPTIONAL`` in ``flags``, ENOENT from the op (its source or target vanished since
+    the plan: a host mount unmounted) skips it, and the ``dependents`` ops right after it
+    with it (the mounts nested under it), instead of failing the setup."""
 
     kind: str
     a: str | None = None
@@ -130,6 +140,7 @@ class Op:
     detail: str = ""
     v1: int = 0
     v2: int = 0
+    dependents: int = 0
 
 
 @dataclass
@@ -193,6 +204,8 @@ class Native:
             missing = [k for k in _REQUIRED.get(op.kind, "") if getattr(op, k) is None]
             if missing:
                 raise ValueError(f"op {i} ({op.kind}) lacks {', '.join(missing)}")
+            if op.dependents < 0:
+                raise ValueError(f"op {i} ({op.kind}): dependents must be >= 0, not {op.dependents}")
             c = ops[i]
             c.kind = OP_KINDS[op.kind]
             c.ival = op.ival
@@ -204,6 +217,7 @@ class Native:
             c.c = self._cstr(op.c)
             c.v1 = op.v1 & _U64  # RLIM_INFINITY is -1 in Python, all ones in C
             c.v2 = op.v2 & _U64
+            c.dependents = op.dependents
         spec.ops = ops
         spec.n_ops = len(self.ops)
         spec.exe = self._cstr(self.exe)
@@ -234,6 +248,7 @@ class Started:
     status_fd: int
     used_clone3: bool
     hold_fd: int = -1
+    skipped: tuple[str, ...] = ()  # the paths of the optional ops skipped (host mounts gone since the plan)
 
 
 def error_for(native: Native, res: Any) -> IncarnateError:
@@ -254,6 +269,12 @@ def error_for(native: Native, res: Any) -> IncarnateError:
                 "or one under a tmpfs of the Spec (such as /tmp)"
             )
         return SetupStepFailed(op.kind, err, op.path, detail=detail)
+    if step == lib.INC_STEP_RECORD and 0 <= idx < len(native.ops):
+        op = native.ops[idx]
+        what = _RECORDS.get(OP_KINDS[op.kind], "word that it skipped the op")
+        return SetupStepFailed(op.kind, err, op.path, detail=f"the child could not send the parent {what}")
+    if step == lib.INC_STEP_GO:
+        return SetupStepFailed("go-byte", err, detail="the parent could not write the go byte into the sync pipe")
     if step == lib.INC_STEP_CGROUP:
         path = native.cgroup_procs[idx][1] if 0 <= idx < len(native.cgroup_procs) else native.cgroup_v2_procs[1]
         return SetupStepFailed("cgroup", err, path, detail="placing the sandbox in its cgroup")
@@ -343,7 +364,24 @@ def spawn(native: Native) -> Started:
         raise error_for(native, res)
     if staged:
         _test_stage("after-mounts")
-    return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3), res.hold_fd)
+    return Started(res.pid, res.pidfd, res.status_fd, bool(res.used_clone3), res.hold_fd, skipped(native, res))
+
+
+def skipped(native: Native, res: Any) -> tuple[str, ...]:
+    """The paths of the optional ops a started sandbox skipped (the first 16 named)."""
+    n = min(res.n_skipped, len(res.skipped))
+    return tuple(native.ops[i].path or native.ops[i].kind for i in res.skipped[0:n] if 0 <= i < len(native.ops))
+
+
+def mount_id(path: str) -> tuple[int, int]:
+    """(mount id, file type bits) of what ``path`` resolves to now, without following its last
+    component or triggering an automount; OSError (ENOSYS before Linux 5.8) otherwise."""
+    mnt = ffi.new("uint64_t *")
+    mode = ffi.new("uint32_t *")
+    if lib.inc_mount_id(os.fsencode(path), mnt, mode) < 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err), path)
+    return int(mnt[0]), int(mode[0])
 
 
 def abandon(started: Started) -> None:

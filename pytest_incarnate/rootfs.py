@@ -16,13 +16,14 @@ read what was written after the payload ends; the tmpfs vanishes with the last f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, Op
+from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, OPTIONAL, Op, mount_id
 
 NEW = "/newroot"
 OLD = "/oldroot"
@@ -51,19 +52,54 @@ def _unescape(s: str) -> str:
 class HostMount:
     mountpoint: str
     fstype: str
+    is_dir: bool = True
+
+
+# statx of a mount point that says it cannot be reached from here: gone (unmounted, its
+# directory removed), under something else now, or behind a directory this process may not
+# enter.  Any other error keeps the mount, as mountinfo lists it.
+_UNREACHABLE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM})
+
+
+def _reachable(mp: str, stack: list[tuple[int, str, int]]) -> HostMount | None:
+    """Of the mounts listed on ``mp`` [(mount id, fstype, device)], the one its path reaches
+    now (the top of a stack), or None: the path leads into another mount (this one is
+    hidden under a mount over an ancestor), or nowhere (gone since mountinfo was read)."""
+    try:
+        mnt_id, mode = mount_id(mp)
+    except OSError as e:
+        if e.errno in _UNREACHABLE:
+            return None
+        if e.errno != errno.ENOSYS:
+            return HostMount(mp, stack[-1][1], os.path.isdir(mp))
+        try:  # no STATX_MNT_ID (before Linux 5.8): the device, which bind mounts share
+            st = os.lstat(mp)
+        except OSError as e2:
+            return None if e2.errno in _UNREACHABLE else HostMount(mp, stack[-1][1], os.path.isdir(mp))
+        found = [fstype for _, fstype, dev in stack if dev == st.st_dev]
+        return HostMount(mp, found[-1], stat.S_ISDIR(st.st_mode)) if found else None
+    found = [fstype for mid, fstype, _ in stack if mid == mnt_id]
+    return HostMount(mp, found[-1], stat.S_ISDIR(mode)) if found else None
 
 
 def host_mounts() -> list[HostMount]:
-    """This process's mounts, in mountinfo order, the last one on a mount point winning."""
-    seen: dict[str, HostMount] = {}
+    """This process's mounts that it can reach now, in mountinfo order: for each mount point,
+    the mount its path leads to.  A mount hidden by a later mount over an ancestor of its
+    mount point (or over the same one), or gone since, is left out: the host does not show it."""
+    stacks: dict[str, list[tuple[int, str, int]]] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
-            mp = _unescape(fields[4])
-            seen.pop(mp, None)
-            seen[mp] = HostMount(mp, right.split()[0])
-    return list(seen.values())
+            major, _, minor = fields[2].partition(":")
+            stacks.setdefault(_unescape(fields[4]), []).append(
+                (int(fields[0]), right.split()[0], os.makedev(int(major), int(minor))))
+    out = []
+    for mp, stack in stacks.items():
+        m = _reachable(mp, stack)
+        if m is not None:
+            out.append(m)
+    return out
 
 
 def keep(changes: Changes | None, keep_dir: str | None, pid: int) -> None:
@@ -92,7 +128,13 @@ def hold_fd_number() -> int:
 
 def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  # type: ignore[no-untyped-def]
     """Ops from the staging root to a complete /newroot, copy-on-write over the host's
-    root (each of its filesystems), or over ``spec.root``, a directory."""
+    root (each of its filesystems), or over ``spec.root``, a directory.
+
+    The host's other filesystems are taken from the mounts this process reaches when the
+    sandbox is planned.  Each is optional in the child: one unmounted (its mount point
+    removed) before the child's setup reaches it is skipped, with the mounts nested under it,
+    which follow it in the ops (a subtree is contiguous), so the sandbox shows what the host
+    shows then."""
     ops: list[Op] = []
     upper_data = "mode=0755" + (f",size={spec.upper_size}" if spec.upper_size is not None else "")
     ops.append(Op("mount-tmpfs", b=UPPERS, c=upper_data, flags=BIND_CREATE, path="(upper layers)"))
@@ -100,43 +142,56 @@ def overlay_root_ops(spec, plan, userxattr: bool) -> tuple[list[Op], Layout]:  #
     hidden += [b.target or b.source for b in spec.binds]
     base = ":".join(spec.root_dirs())
     layers: list[tuple[str, str, str]] = [("/", "L0", base)]
-    extra: list[Op] = []
+    places: list[HostMount] = []
     for m in host_mounts() if not spec.custom_root else ():
         mp = m.mountpoint
         if mp == "/" or m.fstype in PSEUDO_FS or any(_under(mp, t) for t in STANDARD_TREES):
             continue
         if any(_under(mp, h) for h in hidden):
             continue
-        if not os.path.isdir(mp):
+        places.append(m)
+    # Every mount after the mounts it is under, and right after them: ancestors first,
+    # the rest in any order (the host shows none that a later mount hides).
+    places.sort(key=lambda m: m.mountpoint.split("/"))
+    mounts: list[Op] = []
+    for i, m in enumerate(places):
+        mp = m.mountpoint
+        nested = 0
+        while i + 1 + nested < len(places) and _under(places[i + 1 + nested].mountpoint, mp):
+            nested += 1
+        if m.is_dir:
+            name = f"L{len(layers)}"
+            layers.append((mp, name, mp))
+            mounts.append(_overlay(mp, name, mp, userxattr, flags=OPTIONAL, dependents=nested))
+        else:
             # A file mounted on its own (a container's /etc/hosts): read-only pass-through.
-            extra.append(Op("bind", a=OLD + mp, b=NEW + mp, flags=BIND_RO, path=mp, detail="a host file mount"))
-            continue
-        layers.append((mp, f"L{len(layers)}", mp))
-    for mp, name, lower in layers:
-        ops.append(Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755))
-        ops.append(Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755))
-        ops.append(Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755))
-        lowers = ":".join(OLD + p if p != "/" else OLD for p in lower.split(":"))
-        data = f"lowerdir={lowers},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
-        if userxattr:
-            data += ",userxattr"
-        ops.append(Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, path=lower,
-                      detail="copy-on-write layer over " + lower))
-    ops += extra
-    return ops, Layout(layers=tuple(layers))
+            mounts.append(Op("bind", a=OLD + mp, b=NEW + mp, flags=BIND_RO | OPTIONAL, dependents=nested, path=mp,
+                             detail="a host file mount"))
+    for _, name, _ in layers:
+        ops += _upper_dirs(name)
+    ops.append(_overlay("/", "L0", base, userxattr))
+    return ops + mounts, Layout(layers=tuple(layers))
+
+
+def _upper_dirs(name: str) -> list[Op]:
+    """A layer's directories in the upper tmpfs."""
+    return [Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755), Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755),
+            Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755)]
+
+
+def _overlay(mp: str, name: str, lower: str, userxattr: bool, flags: int = 0, dependents: int = 0) -> Op:
+    """The overlay of layer ``name`` on ``mp`` (``lower``: host directories, top first,
+    ':'-separated)."""
+    lowers = ":".join(OLD + p if p != "/" else OLD for p in lower.split(":"))
+    data = f"lowerdir={lowers},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
+    if userxattr:
+        data += ",userxattr"
+    return Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, flags=flags, dependents=dependents,
+              path=lower, detail="copy-on-write layer over " + lower)
 
 
 def _layer_ops(mp: str, name: str, lower: str, userxattr: bool) -> list[Op]:
-    data = f"lowerdir={OLD + lower if lower != '/' else OLD},upperdir={UPPERS}/{name}/upper,workdir={UPPERS}/{name}/work"
-    if userxattr:
-        data += ",userxattr"
-    return [
-        Op("mkdir", a=f"{UPPERS}/{name}", ival=0o755),
-        Op("mkdir", a=f"{UPPERS}/{name}/upper", ival=0o755),
-        Op("mkdir", a=f"{UPPERS}/{name}/work", ival=0o755),
-        Op("mount-overlay", b=NEW if mp == "/" else NEW + mp, c=data, flags=BIND_CREATE, path=lower,
-           detail="copy-on-write layer over " + lower),
-    ]
+    return _upper_dirs(name) + [_overlay(mp, name, lower, userxattr, flags=BIND_CREATE)]
 
 
 def _own_roots(paths: list[str], uid: int) -> list[str]:

@@ -332,10 +332,6 @@ BUG_UNTYPED_OSERROR = (
     "/dev/null, reading /proc/self/mountinfo in rootfs, os.fork in Sandbox.call) escapes Sandbox.spawn/run/call "
     "untyped, and so does one from cgroups.create (writing a limit such as pids.max), instead of an "
     "IncarnateError naming the step and the errno")
-BUG_GO_BYTE_HANG = (
-    "bug: a failed write of the go byte (native/incarnate.c start(): write(sync[1]) is not checked before "
-    "parent_read_record) or of a child's MAPS_REQUEST/HOLD_READY record (c_write_all ignores the error, then "
-    "child_read_go waits) leaves parent and child waiting on each other: a hang")
 BUG_REAP = (
     "bug: Handle._reap reads the init's status record (os.read of the status pipe) outside the try/finally that "
     "closes the sandbox's descriptors and releases its cgroup: a failed read raises a bare OSError and leaves the "
@@ -384,6 +380,7 @@ TYPED = {"outcome": "error", "errno": INJECTED}  # the correct behaviour a bug c
 GO = Nth(r'^write\(\d+, "g", 1\)')  # the parent's first go byte
 NOT_GO = Nth(r'^write\(\d+, "(?!g")')  # the parent's first other write: the child's uid_map
 MAPS_REQUEST = Nth(r'^write\(\d+, "\\20\\0\\0\\0', child=True)  # the child's record, step 16
+HOLD_READY = Nth(r'^write\(\d+, "\\21\\0\\0\\0', child=True)  # the child's record, step 17
 STATUS = Nth(r'^read\(\d+, "\\0\\0\\0\\0", 4\)\s+= 4$')  # the init's status record (exit 0)
 
 CASES = [
@@ -404,10 +401,13 @@ CASES = [
          note="no duplicate of the upper layers: the run has no changes report (changes is None)"),
     Case("pipe2-stdout", "run", RO, (("pipe2", "1"),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
     Case("openat-devnull", "run", RO, (("openat", Nth('"/dev/null"')),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
-    Case("write-go", "run", RO, (("write", GO),), TYPED, follow=False, errnos=("EPERM",), bug=BUG_GO_BYTE_HANG),
-    Case("write-maps-request", "run", LIMITED, (("write", MAPS_REQUEST),), TYPED, errnos=("EPERM",),
-         bug=BUG_GO_BYTE_HANG, note="the child's request for its id maps (after its moves into the v1 cgroups, so "
-                                    "that the parent's own writes come later)"),
+    Case("write-go", "run", RO, (("write", GO),), step("go-byte"), follow=False, errnos=("EPERM",),
+         note="the child, waiting for the byte, is killed and reaped: no hang"),
+    Case("write-maps-request", "run", LIMITED, (("write", MAPS_REQUEST),), step("unshare"), errnos=("EPERM",),
+         note="the child's request for its id maps (after its moves into the v1 cgroups, so "
+              "that the parent's own writes come later): the child reports the failed write and exits"),
+    Case("write-hold-ready", "run", {"pids": 64}, (("write", HOLD_READY),), step("hold", "(upper layers)"),
+         errnos=("EPERM",), note="the child's word that the upper layers' fd is held, for pidfd_getfd"),
     Case("read-status", "spawn", RO, (("read", STATUS),), {}, follow=False, bug=BUG_REAP,
          note="the init's status record, read after the wait"),
     # -- the child: every setup step (strace -f; the parent makes none of these calls)
@@ -468,7 +468,8 @@ CASES = [
     Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-mountinfo", "call", COW, (("openat", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
     Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal")),  # fixed: now typed
-    Case("call-write-go", "call", COW, (("write", "1"),), TYPED, errnos=("EPERM",), bug=BUG_GO_BYTE_HANG),
+    Case("call-write-go", "call", COW, (("write", "1"),), step("go-byte"), errnos=("EPERM",),
+         note="the monitor's go byte (the first write of every process is refused: it comes first)"),
 ]
 
 PARAMS = [pytest.param(c, e, id=f"{c.id}-{e}",
@@ -603,12 +604,12 @@ def test_exhaustive(request: pytest.FixtureRequest, tmp_path: Any) -> None:
     print(f"{summary}; every case that is not clean: {report}")
     for why, where in sorted(bad.items()):
         print(f"{why}: {len(where)} cases, e.g. {where[:3]}")
-    # What the known bugs explain (each pinned by a case of the table): the go-byte hang;
-    # untyped OSErrors from the Python side, with the descriptors open_for_spawn leaks and the
-    # sandbox cgroup a refused rmdir leaves (for the sweep); cleanup at exit that only the
-    # next run's sweep finishes.  Anything else fails the test.
+    # What the known bugs explain (each pinned by a case of the table): untyped OSErrors
+    # from the Python side, with the descriptors open_for_spawn leaks and the sandbox cgroup a
+    # refused rmdir leaves (for the sweep); cleanup at exit that only the next run's sweep
+    # finishes.  Anything else (a hang, a crash) fails the test.
     def known(why: str) -> bool:
-        if why in ("hang", "left at exit for the next run's sweep"):
+        if why == "left at exit for the next run's sweep":
             return True
         if not why.startswith("untyped "):
             return False

@@ -346,3 +346,45 @@ def test_exception_that_cannot_be_rebuilt_still_reports(leak_check):
 
     with pytest.raises(SandboxCrashed, match="Odd: 1-2"):
         Sandbox().call(boom)
+
+
+def _core_spawn(ops):
+    """The core alone: ``ops`` in a child without namespaces, then /bin/true; the Started,
+    and the child's exit status."""
+    from pytest_incarnate import _ffi
+
+    started = _ffi.spawn(_ffi.Native(ns=(), ops=ops, use_init=False, exe="/bin/true", argv=["/bin/true"], envp=[]))
+    try:
+        _, status = os.waitpid(started.pid, 0)
+    finally:
+        os.close(started.pidfd)
+    return started, status
+
+
+def test_an_optional_op_whose_path_is_gone_is_skipped_with_its_dependents(tmp_path, leak_check):
+    from pytest_incarnate._ffi import OPTIONAL, Op
+
+    gone = str(tmp_path / "gone")
+    started, status = _core_spawn([
+        Op("chdir", a=gone + "/1", flags=OPTIONAL, dependents=2, path=gone + "/1"),
+        Op("mkdir", a=str(tmp_path / "dependent"), ival=0o755),  # skipped with it
+        Op("chdir", a=gone + "/2", path=gone + "/2"),             # skipped with it (else fatal)
+        Op("mkdir", a=str(tmp_path / "after"), ival=0o755),       # runs
+        Op("chdir", a=gone + "/3", flags=OPTIONAL, path=gone + "/3"),
+        Op("chdir", a=gone + "/4", flags=OPTIONAL, dependents=99, path=gone + "/4"),  # past the end: the rest
+    ])
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert started.skipped == (gone + "/1", gone + "/3", gone + "/4")
+    assert sorted(os.listdir(tmp_path)) == ["after"]
+
+
+def test_an_optional_op_fails_on_another_errno_and_a_required_one_on_enoent(tmp_path, leak_check):
+    from pytest_incarnate._ffi import OPTIONAL, Op
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for op, err in ((Op("chdir", a=str(a_file), flags=OPTIONAL, path=str(a_file)), errno.ENOTDIR),
+                    (Op("chdir", a=str(tmp_path / "gone"), path="gone"), errno.ENOENT)):
+        with pytest.raises(SetupStepFailed) as exc:
+            _core_spawn([op])
+        assert (exc.value.step, exc.value.errno, exc.value.path) == ("chdir", err, op.path)
