@@ -19,9 +19,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, OPTIONAL, Op, mount_id
 
@@ -82,10 +84,69 @@ def _reachable(mp: str, stack: list[tuple[int, str, int]]) -> HostMount | None:
     return HostMount(mp, found[-1], stat.S_ISDIR(mode)) if found else None
 
 
+class MountWatch:
+    """Whether this process's mount table changed: poll(2) on /proc/self/mountinfo reports
+    every change (POLLPRI), so that the table need not be read again for every sandbox.
+    ``generation()`` moves on at each change seen; -1 when not watching.  Turned on for a
+    pytest session by the plugin (see sandbox.call_cache); per process (a fork opens its
+    own), and never kept by a payload (see close_in_payload)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.pid = -1
+        self.fd = -1
+        self.poller: Any = None
+        self.gen = 0
+
+    def generation(self) -> int:
+        if not self.enabled:
+            return -1
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            self.poller = select.poll()
+            self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+            self.poller.poll(0)
+            self.gen += 1
+        elif self.poller.poll(0):
+            self.gen += 1
+        return self.gen
+
+    def close(self) -> None:
+        if self.fd >= 0 and self.pid == os.getpid():
+            os.close(self.fd)
+        self.fd, self.pid, self.poller = -1, -1, None
+        self.gen += 1
+
+    def close_in_payload(self) -> None:
+        """The payload does not keep a view of the host's mount table."""
+        if self.fd >= 0 and self.pid != os.getpid():
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd, self.pid, self.poller = -1, -1, None
+
+
+MOUNT_WATCH = MountWatch()
+_HOST_MOUNTS: list[Any] = [None, None]  # (generation, mounts) while MOUNT_WATCH is on
+
+
 def host_mounts() -> list[HostMount]:
     """This process's mounts that it can reach now, in mountinfo order: for each mount point,
     the mount its path leads to.  A mount hidden by a later mount over an ancestor of its
-    mount point (or over the same one), or gone since, is left out: the host does not show it."""
+    mount point (or over the same one), or gone since, is left out: the host does not show it.
+    While MOUNT_WATCH is on, the answer is kept until the mount table changes."""
+    gen = MOUNT_WATCH.generation()
+    if gen >= 0 and _HOST_MOUNTS[0] == gen:
+        return list(_HOST_MOUNTS[1])
+    out = _read_host_mounts()
+    if gen >= 0:
+        _HOST_MOUNTS[:] = [gen, tuple(out)]
+    return out
+
+
+def _read_host_mounts() -> list[HostMount]:
     stacks: dict[str, list[tuple[int, str, int]]] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:

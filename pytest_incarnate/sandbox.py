@@ -991,7 +991,7 @@ def _payload_main(sandbox: Sandbox, native: Native, body: Callable[[], Any], w: 
     code = 70
     try:
         cgroups.Run.forget_in_child()
-        _MOUNTS.close_in_payload()
+        rootfs.MOUNT_WATCH.close_in_payload()
         if sandbox.spec.env is not None:
             os.environ.clear()
             os.environ.update(sandbox.spec.env)
@@ -1006,52 +1006,16 @@ def _payload_main(sandbox: Sandbox, native: Native, body: Callable[[], Any], w: 
         os._exit(code)
 
 
-class _MountWatch:
-    """Whether this process's mount table changed since the last look: poll(2) on
-    /proc/self/mountinfo reports every change (POLLPRI), so that the table is not read
-    again for every call.  Per process: a forked copy opens its own."""
-
-    def __init__(self) -> None:
-        self.pid = -1
-        self.fd = -1
-        self.poller: Any = None
-        self.enabled = False  # the plugin turns it on for its session (see call_cache)
-
-    def close(self) -> None:
-        if self.fd >= 0 and self.pid == os.getpid():
-            os.close(self.fd)
-        self.fd, self.pid, self.poller = -1, -1, None
-
-    def changed(self) -> bool:
-        if self.pid != os.getpid():
-            self.pid = os.getpid()
-            self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-            self.poller = select.poll()
-            self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
-            self.poller.poll(0)
-            return True
-        return bool(self.poller.poll(0))
-
-    def close_in_payload(self) -> None:
-        """The payload does not keep a view of the host's mount table."""
-        if self.fd >= 0 and self.pid != os.getpid():
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = -1
-
-
-_MOUNTS = _MountWatch()
 _NATIVE_CACHE: dict[Any, tuple[Native, Any, bool]] = {}
+_NATIVE_GEN = [-1]  # the mount table's generation the cache was built at
 
 
 def call_cache(on: bool) -> None:
     """Keep the core's spec of sandboxed calls between calls (on), or drop it and the
     descriptor that watches the mount table (off).  The plugin turns it on for a session."""
-    _MOUNTS.enabled = on
+    rootfs.MOUNT_WATCH.enabled = on
     if not on:
-        _MOUNTS.close()
+        rootfs.MOUNT_WATCH.close()
         _NATIVE_CACHE.clear()
 
 
@@ -1062,7 +1026,8 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
     (binds, overlays, a root of their own) are built each time: a path may change."""
     spec = sandbox.spec
     key: Any = None
-    if _MOUNTS.enabled and cg is None and not spec.binds and not spec.overlays and not spec.custom_root and _ffi._TEST_STAGE is None:
+    cacheable = not spec.binds and not spec.overlays and not spec.custom_root and _ffi._TEST_STAGE is None
+    if rootfs.MOUNT_WATCH.enabled and cg is None and cacheable:
         try:
             key = (spec, p, os.getcwd(), resource.getrlimit(resource.RLIMIT_NOFILE), os.getpid(),
                    sandbox._use_clone3, _single_threaded(), threading.current_thread() is threading.main_thread())
@@ -1070,8 +1035,10 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
         except (OSError, TypeError):
             key = None
     if key is not None:
-        if _MOUNTS.changed():
+        gen = rootfs.MOUNT_WATCH.generation()
+        if gen != _NATIVE_GEN[0]:
             _NATIVE_CACHE.clear()
+            _NATIVE_GEN[0] = gen
         hit = _NATIVE_CACHE.get(key)
         if hit is not None:
             return hit

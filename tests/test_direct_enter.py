@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,49 @@ def test_a_threaded_caller_forks_a_monitor(mode: str, env: dict[str, str]) -> No
     assert report["after"] == 1
     assert report["first"][1] != report["second"]
     assert report["live"] == 0
+
+
+MOUNT_TESTS = r'''
+import os
+import subprocess
+import pytest
+
+D = os.environ["MOUNT_DIR"]
+
+@pytest.fixture
+def mounted():
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", D], check=True)
+    with open(os.path.join(D, "marker"), "w") as f:
+        f.write("on the new mount")
+    yield
+    subprocess.run(["umount", D], check=True)
+
+def test_1_before():
+    assert not os.path.exists(os.path.join(D, "marker"))
+
+def test_2_mounted(mounted):
+    with open(os.path.join(D, "marker")) as f:
+        assert f.read() == "on the new mount"
+
+def test_3_after():
+    assert not os.path.exists(os.path.join(D, "marker"))
+'''
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare(1)")
+def test_a_mount_made_between_tests_is_seen_by_the_next_sandbox(tmp_path: Path) -> None:
+    """The plugin keeps the core's spec between tests while the mount table stays the same: a
+    host mount made (and removed) by a fixture between two sandboxed tests shows (and goes)
+    in the next one.  The inner pytest runs in a mount namespace of its own, under /var/tmp
+    (/tmp is the sandboxes' scratch space)."""
+    (tmp_path / "test_mounts.py").write_text(MOUNT_TESTS)
+    d = tempfile.mkdtemp(dir="/var/tmp", prefix="direct-enter-")
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "pytest", "-q",
+                            "-p", "no:cacheprovider", "--incarnate", "test_mounts.py"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "MOUNT_DIR": d, "PYTHONPATH": REPO})
+    finally:
+        os.rmdir(d)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 passed" in r.stdout, r.stdout
