@@ -44,11 +44,13 @@ from pytest_incarnate.errors import (
     UidMapFailed,
     UserNsDisabledBySysctl,
     UserNsRestrictedByLsm,
+    setup_step,
 )
 from pytest_incarnate.probe import Capabilities, id_maps, probe
 from pytest_incarnate.spec import NAMESPACES, Spec
 
 STAGE_BASE = "/tmp"
+MOUNTINFO = "/proc/self/mountinfo"
 # A refused clone worth one re-probe: a limit reached, or a capability taken away since.
 _RETRY_CLONE_ERRNOS = frozenset({_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES})
 PIPE = -1
@@ -197,7 +199,8 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
     overlay_first = root in ("overlay", "readonly") and "user" in granted and caps["overlay.root"].granted
     cpus: frozenset[int] = frozenset()
     if spec.cpu_affinity is not None:
-        allowed = frozenset(os.sched_getaffinity(0))
+        with setup_step("cpu-affinity", detail="reading this process's CPU affinity"):
+            allowed = frozenset(os.sched_getaffinity(0))
         cpus = spec.cpu_affinity & allowed
         refused = sorted(spec.cpu_affinity - allowed)
         if refused:
@@ -245,7 +248,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
         ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
         mountpoints: list[str] = []
         if plan.root == "overlay":
-            root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
+            with setup_step("host-mounts", MOUNTINFO, "listing the host's filesystems to overlay each"):
+                root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
             ops += root_ops
         else:
             dirs = spec.root_dirs()
@@ -257,7 +261,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
                 data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns and not plan.overlay_first else "")
                 ops.append(Op("mount-overlay", b=new, c=data, path=":".join(dirs), detail="read-only layer stack"))
             if plan.root == "own-trees":
-                root_ops, layout = rootfs.own_tree_ops(spec, plan)
+                with setup_step("host-mounts", MOUNTINFO, "finding the caller's own trees to overlay"):
+                    root_ops, layout = rootfs.own_tree_ops(spec, plan)
                 ops += root_ops
         ops += rootfs.standard_ops(spec, plan, overlay=plan.root == "overlay")
         mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
@@ -291,7 +296,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             mountpoints.append(target)
             ops.append(Op("bind", a=old + src, b=new + target, flags=flags, path=b.source,
                           detail=f"onto {target}" + (" (read-only)" if b.readonly else "")))
-        here = os.getcwd()
+        with setup_step("cwd", detail="reading the working directory"):
+            here = os.getcwd()
         project_layer = (plan.root == "overlay" and spec.cwd is None and not spec.custom_root
                          and spec.mount_root_hides(here))
         if project_layer:
@@ -302,7 +308,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             layout = rootfs.Layout(layout.layers + ((here, name, here),))
             mountpoints.append(here)
         if plan.root == "overlay" or layout.layers:
-            hold = rootfs.hold_fd_number()
+            with setup_step("hold", "(upper layers)", "reading RLIMIT_NOFILE"):
+                hold = rootfs.hold_fd_number()
             ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
             skip = frozenset(p for m in mountpoints for p in _ancestors(m))
             layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold, spec.keep_upper)
@@ -699,17 +706,24 @@ class Sandbox:
         parent_ends: list[IO[bytes] | None] = []
         try:
             for i, want in enumerate((stdin, stdout, stderr)):
+                stream = ("stdin", "stdout", "stderr")[i]
                 if want is None:
                     fds.append(-1)
                     parent_ends.append(None)
                 elif want == PIPE:
-                    r, w = os.pipe2(os.O_CLOEXEC)
-                    child, parent = (r, w) if i == 0 else (w, r)
-                    fds.append(child)
-                    to_close.append(child)
-                    parent_ends.append(os.fdopen(parent, "wb" if i == 0 else "rb", buffering=0))
+                    with setup_step("stdio-pipe", detail=f"creating the {stream} pipe"):
+                        r, w = os.pipe2(os.O_CLOEXEC)
+                        child, parent = (r, w) if i == 0 else (w, r)
+                        fds.append(child)
+                        to_close.append(child)
+                        try:
+                            parent_ends.append(os.fdopen(parent, "wb" if i == 0 else "rb", buffering=0))
+                        except BaseException:
+                            os.close(parent)
+                            raise
                 elif want == DEVNULL:
-                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    with setup_step("open-devnull", os.devnull, f"to use as {stream}"):
+                        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                     fds.append(fd)
                     to_close.append(fd)
                     parent_ends.append(None)
@@ -914,11 +928,13 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True,
                              enter_vm=ENTER_VM)
     cspec = native.build()  # allocated in the parent, before the fork
-    r, w = os.pipe2(os.O_CLOEXEC)
+    with setup_step("result-pipe", detail="the pipe that brings the call's result back"):
+        r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
+        with setup_step("fork", detail="forking the process that enters the sandbox"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+                pid = os.fork()
     except BaseException:
         os.close(r)
         os.close(w)

@@ -324,11 +324,6 @@ INJECTED = "<injected>"  # in an expectation: the errno that was injected
 
 # Known bugs, each named once; a case carrying one is xfail(strict=True) and asserts the
 # correct behaviour, so that it turns red (XPASS) when the bug is fixed.
-BUG_UNTYPED_OSERROR = (
-    "bug: an OSError from the Python side of the setup (os.pipe2 of a stdio or result pipe, os.open of "
-    "/dev/null, reading /proc/self/mountinfo in rootfs, os.fork in Sandbox.call) escapes Sandbox.spawn/run/call "
-    "untyped, and so does one from cgroups.create (writing a limit such as pids.max), instead of an "
-    "IncarnateError naming the step and the errno")
 BUG_GO_BYTE_HANG = (
     "bug: a failed write of the go byte (native/incarnate.c start(): write(sync[1]) is not checked before "
     "parent_read_record) or of a child's MAPS_REQUEST/HOLD_READY record (c_write_all ignores the error, then "
@@ -338,10 +333,6 @@ BUG_REAP = (
     "closes the sandbox's descriptors and releases its cgroup: a failed read raises a bare OSError and leaves the "
     "Handle (Sandbox.spawn) without a returncode, its pidfd and status descriptor open (and its cgroup); "
     "Sandbox.run recovers only when its Handle is garbage-collected")
-BUG_CGROUP_FD_LEAK = (
-    "bug: cgroups.SandboxCgroup.open_for_spawn: when opening a later controller's tasks file fails, the files "
-    "already opened are never closed (create() removes the directories, not the descriptors); the OSError "
-    "escapes untyped")
 
 
 @dataclass(frozen=True)
@@ -398,8 +389,9 @@ CASES = [
          follow=False),
     Case("pidfd_getfd", "run", COW, (("pidfd_getfd", "1"),), ok(changes=False, degradations=[]), follow=False,
          note="no duplicate of the upper layers: the run has no changes report (changes is None)"),
-    Case("pipe2-stdout", "run", RO, (("pipe2", "1"),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
-    Case("openat-devnull", "run", RO, (("openat", Nth('"/dev/null"')),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
+    Case("pipe2-stdout", "run", RO, (("pipe2", "1"),), step("stdio-pipe"), follow=False),
+    Case("openat-devnull", "run", RO, (("openat", Nth('"/dev/null"')),), step("open-devnull", "/dev/null"),
+         follow=False),
     Case("write-go", "run", RO, (("write", GO),), TYPED, follow=False, errnos=("EPERM",), bug=BUG_GO_BYTE_HANG),
     Case("write-maps-request", "run", LIMITED, (("write", MAPS_REQUEST),), TYPED, errnos=("EPERM",),
          bug=BUG_GO_BYTE_HANG, note="the child's request for its id maps (after its moves into the v1 cgroups, so "
@@ -442,10 +434,10 @@ CASES = [
     Case("execve", "run", RO, (("execve", "1"),), err("NonExecutablePayload")),
     Case("write-cgroup-tasks", "run", LIMITED, (("write", "1"),), step("cgroup"), path=PIDS_TASKS,
          note="the child's move into its v1 pids cgroup (it writes 0 into tasks)"),
-    Case("cgroup-limit-write", "run", LIMITED, (("write", Nth(r'^write\(\d+, "64", 2\)')),), TYPED, follow=False,
-         bug=BUG_UNTYPED_OSERROR, note="the parent's write of pids.max"),
-    Case("cgroup-open-tasks", "run", LIMITED, (("openat", "1"),), TYPED, follow=False, path=PIDS_TASKS,
-         bug=BUG_CGROUP_FD_LEAK, note="the parent opens the pids controller's tasks file after the others"),
+    Case("cgroup-limit-write", "run", LIMITED, (("write", Nth(r'^write\(\d+, "64", 2\)')),), step("cgroup-limit"),
+         follow=False, note="the parent's write of pids.max"),
+    Case("cgroup-open-tasks", "run", LIMITED, (("openat", "1"),), step("cgroup-open"), follow=False, path=PIDS_TASKS,
+         note="the parent opens the pids controller's tasks file after the others"),
     Case("setgroups", "run", LIMITED, (("setgroups", "1"),), step("drop-privileges")),
     Case("setresgid", "run", LIMITED, (("setresgid", "1"),), step("drop-privileges")),
     Case("setresuid", "run", LIMITED, (("setresuid", "1"),), step("drop-privileges", "uid=65534 gid=65534")),
@@ -457,9 +449,9 @@ CASES = [
     Case("call-mount-rprivate", "call", COW, (("mount", "1"),), step("make-rprivate", "/")),
     Case("call-mount-overlay", "call", COW, (("mount", "4"),), step("mount-overlay")),
     Case("call-setsid", "call", COW, (("setsid", "1"),), step("setsid")),
-    Case("call-fork", "call", COW, (("clone", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
-    Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
-    Case("call-mountinfo", "call", COW, (("openat", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
+    Case("call-fork", "call", COW, (("clone", "1"),), step("fork")),
+    Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), step("result-pipe")),
+    Case("call-mountinfo", "call", COW, (("openat", "1"),), step("host-mounts", "/proc/self/mountinfo")),
     Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal")),  # fixed: now typed
     Case("call-write-go", "call", COW, (("write", "1"),), TYPED, errnos=("EPERM",), bug=BUG_GO_BYTE_HANG),
 ]
