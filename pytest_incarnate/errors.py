@@ -27,6 +27,7 @@ __all__ = [
     "CloneFailed",
     "PipeFailed",
     "SetupStepFailed",
+    "SandboxIOFailed",
     "SandboxCrashed",
     "SandboxTimeout",
     "Degradation",
@@ -207,6 +208,20 @@ def setup_step(step: str, path: str | None = None, detail: str = "") -> Iterator
             detail = f"{detail}; {e}" if detail else str(e)
         where = e.filename if e.filename is not None else path
         raise SetupStepFailed(step, e.errno or _errno.EIO, where, detail=detail) from e
+
+
+class SandboxIOFailed(_OSLike):
+    """The parent could not read from (or write to) a sandbox it started: the payload's
+    output or input, the init's status record, a sandboxed call's result.  By the time this
+    is raised the sandbox has ended (killed if it was still running) and been reaped, its
+    descriptors are closed and its cgroup released; what it would have sent is lost."""
+
+    def __init__(self, step: str, err: int, detail: str = "") -> None:
+        self.step = step
+        msg = f"{step} failed with {_errname(err)} ({os.strerror(err)})"
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(err, msg)
 
 
 class SandboxCrashed(IncarnateError):

@@ -38,6 +38,7 @@ from pytest_incarnate.errors import (
     OverlayUnavailable,
     ProcSkipped,
     SandboxCrashed,
+    SandboxIOFailed,
     SandboxTimeout,
     SetupStepFailed,
     SpecError,
@@ -506,16 +507,21 @@ class Handle:
         if pid == 0:
             return
         self.duration = time.monotonic() - self._start
-        if self._status_fd >= 0:
-            data = os.read(self._status_fd, _ffi.STATUS_SIZE)
-            if len(data) == _ffi.STATUS_SIZE:
-                status = int.from_bytes(data, "little", signed=True)
-        if os.WIFSIGNALED(status):
-            self.signal = os.WTERMSIG(status)
-            self.returncode = -self.signal
-        else:
-            self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+        lost: OSError | None = None  # the init's status record could not be read
         try:
+            if self._status_fd >= 0:
+                try:
+                    data = os.read(self._status_fd, _ffi.STATUS_SIZE)
+                except OSError as e:
+                    lost = e  # the init's own status stands in: the payload's exit code, or 128 + its signal
+                else:
+                    if len(data) == _ffi.STATUS_SIZE:
+                        status = int.from_bytes(data, "little", signed=True)
+            if os.WIFSIGNALED(status):
+                self.signal = os.WTERMSIG(status)
+                self.returncode = -self.signal
+            else:
+                self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
             if self._hold_fd >= 0 and self._layout is not None:
                 try:
                     self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
@@ -523,10 +529,17 @@ class Handle:
                     self.changes = None  # a host file it could not read: no report rather than a wrong one
                 rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
         finally:
+            if self.returncode is None:  # reaped, whatever happened above: never waited for again
+                self.returncode = 255
             self._close_fds()
             self.stats = _release_cgroup(self._cgroup)
         # The init reaped the payload, so its usage counts the payload's CPU time.
         self.cause = limit_cause(self.signal, self.stats, self._cpu_limit, usage.ru_utime + usage.ru_stime)
+        if lost is not None:
+            raise SandboxIOFailed(
+                "read-status", lost.errno or _errno.EIO,
+                f"the payload's status record from the init is lost; returncode {self.returncode} is the init's "
+                "own exit status (the payload's exit code, or 128 + the signal that ended it)") from lost
 
     def _close_fds(self) -> None:
         for name in ("_status_fd", "pidfd", "_hold_fd"):

@@ -328,11 +328,6 @@ BUG_GO_BYTE_HANG = (
     "bug: a failed write of the go byte (native/incarnate.c start(): write(sync[1]) is not checked before "
     "parent_read_record) or of a child's MAPS_REQUEST/HOLD_READY record (c_write_all ignores the error, then "
     "child_read_go waits) leaves parent and child waiting on each other: a hang")
-BUG_REAP = (
-    "bug: Handle._reap reads the init's status record (os.read of the status pipe) outside the try/finally that "
-    "closes the sandbox's descriptors and releases its cgroup: a failed read raises a bare OSError and leaves the "
-    "Handle (Sandbox.spawn) without a returncode, its pidfd and status descriptor open (and its cgroup); "
-    "Sandbox.run recovers only when its Handle is garbage-collected")
 
 
 @dataclass(frozen=True)
@@ -396,7 +391,7 @@ CASES = [
     Case("write-maps-request", "run", LIMITED, (("write", MAPS_REQUEST),), TYPED, errnos=("EPERM",),
          bug=BUG_GO_BYTE_HANG, note="the child's request for its id maps (after its moves into the v1 cgroups, so "
                                     "that the parent's own writes come later)"),
-    Case("read-status", "spawn", RO, (("read", STATUS),), {}, follow=False, bug=BUG_REAP,
+    Case("read-status", "spawn", RO, (("read", STATUS),), err("SandboxIOFailed", "read-status"), follow=False,
          note="the init's status record, read after the wait"),
     # -- the child: every setup step (strace -f; the parent makes none of these calls)
     Case("prctl-pdeathsig", "run", RO, (("prctl", "1"),), step("parent-death-signal")),
