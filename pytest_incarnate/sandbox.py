@@ -7,6 +7,7 @@ are recorded) -> ordered child operations -> native core -> Result.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno as _errno
 import io
@@ -19,7 +20,7 @@ import signal as _signal
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -450,12 +451,14 @@ class Handle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.returncode is None:
-            self.kill()
-        self.wait()
-        for f in (self.stdin, self.stdout, self.stderr):
-            if f is not None:
-                f.close()
+        try:
+            if self.returncode is None:
+                self.kill()
+            self.wait()
+        finally:
+            for f in (self.stdin, self.stdout, self.stderr):
+                if f is not None:
+                    f.close()
 
     def __del__(self) -> None:
         try:
@@ -582,13 +585,44 @@ class Handle:
 
     def communicate(self, input: bytes | None = None, timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input``, read stdout and stderr to EOF, wait.  On timeout the sandbox is
-        killed and ``timed_out`` is set."""
+        killed and ``timed_out`` is set.  If communicate fails (an interrupt such as
+        KeyboardInterrupt, or a pipe that cannot be read or written: SandboxIOFailed), the
+        sandbox is killed and reaped before the exception propagates; its output is lost."""
+        try:
+            return self._communicate(input, timeout)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """After a failed communicate or run: kill the sandbox, close its pipes, reap it (which
+        closes its descriptors and releases its cgroup).  An error of this cleanup gives way to
+        the exception being handled."""
+        try:
+            self.kill()
+        except OSError:
+            pass
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if self.returncode is None:
+            try:
+                self._reap(0)
+            except Exception:
+                pass
+
+    def _communicate(self, input: bytes | None, timeout: float | None) -> tuple[bytes | None, bytes | None]:
         out: dict[int, list[bytes]] = {}
         readers = {}
-        for f in (self.stdout, self.stderr):
+        names = {}
+        for name, f in (("stdout", self.stdout), ("stderr", self.stderr)):
             if f is not None:
                 readers[f.fileno()] = f
                 out[f.fileno()] = []
+                names[f.fileno()] = name
         writer = self.stdin
         pending = memoryview(input or b"")
         if writer is not None and not pending:
@@ -603,16 +637,19 @@ class Handle:
                 deadline = None  # drain what is left, the sandbox is gone
                 continue
             wl = [writer.fileno()] if writer is not None else []
-            r, w, _ = select.select(list(readers), wl, [], remaining)
+            with _sandbox_io("poll-output"):
+                r, w, _ = select.select(list(readers), wl, [], remaining)
             for fd in r:
-                chunk = os.read(fd, 65536)
+                with _sandbox_io(f"read-{names[fd]}"):
+                    chunk = os.read(fd, 65536)
                 if chunk:
                     out[fd].append(chunk)
                 else:
                     readers.pop(fd)
             if w and writer is not None:
                 try:
-                    n = os.write(writer.fileno(), pending[:65536])
+                    with _sandbox_io("write-stdin"):
+                        n = os.write(writer.fileno(), pending[:65536])
                     pending = pending[n:]
                 except BrokenPipeError:
                     pending = pending[:0]
@@ -781,9 +818,13 @@ class Sandbox:
             raise SpecError("input", input, "must be bytes")
         out = PIPE if capture_output else None
         h = self.spawn(argv, stdin=PIPE if input is not None else DEVNULL, stdout=out, stderr=out)
-        if timeout is None:
-            timeout = self.spec.timeout
-        stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
+        try:
+            if timeout is None:
+                timeout = self.spec.timeout
+            stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
+        except BaseException:  # an interrupt, a lost pipe: nothing of the sandbox outlives the call
+            h._abort()
+            raise
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
                       h.plan.namespaces, h.duration, h.changes, h.stats, h.cause)
@@ -812,6 +853,20 @@ class CallOutcome:
     plan: Plan
     changes: rootfs.Changes | None = None
     stats: cgroups.Stats | None = None
+
+
+@contextlib.contextmanager
+def _sandbox_io(step: str, detail: str = "the sandbox was killed; its output is lost") -> Iterator[None]:
+    """Reading or writing a running sandbox's pipes: a plain OSError becomes SandboxIOFailed
+    (raised once the caller has killed and reaped the sandbox).  BrokenPipeError passes (a
+    payload that stops reading its input is not a failure), and so does InterruptedError
+    (the caller retries)."""
+    try:
+        yield
+    except (IncarnateError, BrokenPipeError, InterruptedError):
+        raise
+    except OSError as e:
+        raise SandboxIOFailed(step, e.errno or _errno.EIO, detail) from e
 
 
 def _release_cgroup(cg: cgroups.SandboxCgroup | None) -> cgroups.Stats | None:
@@ -881,18 +936,50 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> int:
-    """Timeout: kill the whole sandbox; how many of its processes there were."""
+LOST_RESULT = "the sandbox was killed; the call's result is lost"
+
+
+def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None) -> tuple[int, list[int]]:
+    """Kill the whole sandbox of a call (a timeout, an interrupt, a lost result): how many of
+    its processes there were (not counting the init), and a pidfd of each of them, for
+    ``_await_killed`` once the monitor is reaped."""
     inside = _descendants(monitor)  # the init and everything below it
-    if cg is not None:
-        cg.kill_all()
-    os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+    pidfds = []
     for p in inside:
         try:
-            os.kill(p, _signal.SIGKILL)
-        except ProcessLookupError:
+            pidfds.append(os.pidfd_open(p))
+        except OSError:  # gone already
             pass
-    return max(0, len(inside) - 1)  # not counting the init
+    try:
+        if cg is not None:
+            cg.kill_all()
+        os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+        for p in inside:
+            try:
+                os.kill(p, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    except BaseException:
+        _await_killed(pidfds, 0.0)
+        raise
+    return max(0, len(inside) - 1), pidfds
+
+
+def _await_killed(pidfds: list[int], timeout: float = 5.0) -> None:
+    """After the monitor is reaped: wait (up to ``timeout`` in all) until every process of a
+    killed sandbox has exited, and reap those that came back to this process (when it is a
+    child subreaper), so that none outlives the call; close the pidfds."""
+    deadline = time.monotonic() + timeout
+    try:
+        for fd in pidfds:
+            try:
+                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except OSError:  # ChildProcessError: not this process's child, its own parent reaps it
+                pass
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 # Enter mode starts the init with CLONE_VM, so that only the payload copies the caller's
@@ -981,21 +1068,31 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     deadline = None if limit is None else time.monotonic() + limit
     timed_out = -1
     reaped = False
+    killed: list[int] | None = None  # pidfds of the sandbox's processes, once it has been killed
     parse_error: Exception | None = None
     try:
-        while True:
-            if deadline is not None:
-                ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    timed_out = _kill_tree(pid, cg)
+        try:
+            while True:
+                if deadline is not None:
+                    with _sandbox_io("read-result", LOST_RESULT):
+                        ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        timed_out, killed = _kill_tree(pid, cg)
+                        break
+                try:
+                    with _sandbox_io("read-result", LOST_RESULT):
+                        b = os.read(r, 1 << 16)
+                except InterruptedError:
+                    continue
+                if not b:
                     break
-            try:
-                b = os.read(r, 1 << 16)
-            except InterruptedError:
-                continue
-            if not b:
-                break
-            chunks.append(b)
+                chunks.append(b)
+        except BaseException:
+            # An interrupt (KeyboardInterrupt), a failed read: the result is lost, so the
+            # sandbox is ended now rather than waited for.
+            if killed is None:
+                _, killed = _kill_tree(pid, cg)
+            raise
         data = b"".join(chunks)
         parsed = None
         if timed_out < 0 and data:
@@ -1011,8 +1108,12 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             reaped = True
     finally:
         os.close(r)
-        if not reaped:
-            _, status, usage = os.wait4(pid, 0)
+        try:
+            if not reaped:
+                _, status, usage = os.wait4(pid, 0)
+        finally:
+            if killed is not None:
+                _await_killed(killed)
     if timed_out >= 0:
         _release_cgroup(cg)
         raise SandboxTimeout(limit or 0.0, timed_out)
