@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pytest_incarnate.errors import CgroupNotWritable, CgroupSkipped, Degradation, SpecError
+from pytest_incarnate.errors import CgroupNotWritable, CgroupSkipped, Degradation, SetupStepFailed, SpecError, setup_step
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "cpuset", "freezer")
 RUN_PREFIX = "incarnate-"
@@ -192,7 +192,15 @@ class Run:
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
         self.lock_path = os.path.join(lock_dir, f"run-{self.id}.lock")
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            raise
         self.pid = os.getpid()
         self._seq = itertools.count()
 
@@ -256,14 +264,23 @@ class SandboxCgroup:
 
     def open_for_spawn(self) -> None:
         """Open what the core needs: each v1 "tasks" file (the child moves itself), the v2
-        directory (CLONE_INTO_CGROUP) and its cgroup.procs (the fallback)."""
-        for d in dict.fromkeys(self.dirs.values()):
-            p = os.path.join(d, "tasks")
-            self.procs.append((os.open(p, os.O_WRONLY | os.O_CLOEXEC), p))
-        if self.v2 is not None:
-            self.dirfd = os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            p = os.path.join(self.v2, "cgroup.procs")
-            self.v2_procs = (os.open(p, os.O_WRONLY | os.O_CLOEXEC), p)
+        directory (CLONE_INTO_CGROUP) and its cgroup.procs (the fallback).  A file that
+        cannot be opened is SetupStepFailed("cgroup-open") naming it; the ones opened
+        before it are closed again."""
+        try:
+            for d in dict.fromkeys(self.dirs.values()):
+                p = os.path.join(d, "tasks")
+                with setup_step("cgroup-open", p):
+                    self.procs.append((os.open(p, os.O_WRONLY | os.O_CLOEXEC), p))
+            if self.v2 is not None:
+                with setup_step("cgroup-open", self.v2):
+                    self.dirfd = os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                p = os.path.join(self.v2, "cgroup.procs")
+                with setup_step("cgroup-open", p):
+                    self.v2_procs = (os.open(p, os.O_WRONLY | os.O_CLOEXEC), p)
+        except BaseException:
+            self.close_fds()
+            raise
 
     def close_fds(self) -> None:
         for fd, _ in self.procs + [self.v2_procs]:
@@ -373,12 +390,23 @@ def _can_write(d: str) -> str | None:
     return None
 
 
+# A limit file refusing its value with one of these: the value is wrong (SpecError); with
+# any other errno the cgroup could not be set up (SetupStepFailed "cgroup-limit").
+_VALUE_ERRNOS = frozenset({_errno.EINVAL, _errno.ERANGE, _errno.EOVERFLOW})
+
+
 def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Degradation]]:
     """Create a sandbox's cgroups with its limits.  Not strict: what cannot be had is a
-    CgroupSkipped degradation and the sandbox runs without it; strict: CgroupNotWritable."""
-    h = Hierarchy.detect()
+    CgroupSkipped degradation and the sandbox runs without it; strict: CgroupNotWritable.
+    A value the kernel refuses is a SpecError naming the field; any other failure is
+    SetupStepFailed naming the step ("cgroup-detect", "cgroup-run", "cgroup-create",
+    "cgroup-limit", "cgroup-open"), the file and the errno, and leaves no directory or
+    descriptor of the sandbox behind."""
+    with setup_step("cgroup-detect", "/proc/self/mountinfo", "finding this process's cgroups"):
+        h = Hierarchy.detect()
     degr: list[Degradation] = []
-    run = Run.current()
+    with setup_step("cgroup-run", _run_lock_dir(), "taking the run's lock"):
+        run = Run.current()
     name = run.next_name()
     dirs: dict[str, str] = {}
     made: list[str] = []
@@ -405,9 +433,10 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
                 refuse(base, ctrl, why)
                 continue
             run_dir = os.path.join(base, RUN_PREFIX + run.id)
-            os.makedirs(run_dir, exist_ok=True)
             d = os.path.join(run_dir, name)
-            os.mkdir(d)
+            with setup_step("cgroup-create", d):
+                os.makedirs(run_dir, exist_ok=True)
+                os.mkdir(d)
             made.append(d)
             dirs[ctrl] = d
         v2 = None
@@ -417,13 +446,15 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
             # cgroup.kill ends every process at once; limits go there when their
             # controller is delegated and no v1 hierarchy has it.
             run_dir = os.path.join(h.v2, RUN_PREFIX + run.id)
-            os.makedirs(run_dir, exist_ok=True)
+            with setup_step("cgroup-create", run_dir):
+                os.makedirs(run_dir, exist_ok=True)
             failed = _v2_delegate(h, run_dir, on_v2) if on_v2 else {}
             for ctrl, why in failed.items():
                 refuse(h.v2, ctrl, why)
             on_v2 = [c for c in on_v2 if c not in failed]
             v2 = os.path.join(run_dir, name)
-            os.mkdir(v2)
+            with setup_step("cgroup-create", v2):
+                os.mkdir(v2)
             made.append(v2)
         else:
             for ctrl in on_v2:
@@ -437,11 +468,15 @@ def create(limits: Limits, strict: bool) -> tuple[SandboxCgroup | None, list[Deg
             _apply_v1(cg, limits)
             if v2 is not None and on_v2:
                 _apply_v2(v2, limits, on_v2)
-        except OSError as e:  # a value the kernel refuses (CPUs this machine lacks, say)
+        except OSError as e:
             field_name = next((f for f in ("memory", "pids", "cpus", "cpu_quota") if f.split("_")[0] in str(e.filename)),
                               "limits")
-            raise SpecError(field_name, getattr(limits, field_name, None),
-                            f"the kernel refused it ({_errname(e)} writing {e.filename})") from None
+            value = getattr(limits, field_name, None)
+            if e.errno in _VALUE_ERRNOS:  # a value the kernel refuses (CPUs this machine lacks, say)
+                raise SpecError(field_name, value,
+                                f"the kernel refused it ({_errname(e)} writing {e.filename})") from None
+            raise SetupStepFailed("cgroup-limit", e.errno or _errno.EIO, e.filename,
+                                  detail=f"setting the {field_name} limit ({value!r})") from e
         cg.open_for_spawn()
         return cg, degr
     except BaseException:

@@ -7,8 +7,10 @@ record of isolation that was asked for and not granted, attached to a result.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "CloneFailed",
     "PipeFailed",
     "SetupStepFailed",
+    "SandboxIOFailed",
     "SandboxCrashed",
     "SandboxTimeout",
     "Degradation",
@@ -188,6 +191,37 @@ class SetupStepFailed(_OSLike):
         if detail:
             msg += f"; {detail}"
         super().__init__(err, msg, path)
+
+
+@contextlib.contextmanager
+def setup_step(step: str, path: str | None = None, detail: str = "") -> Iterator[None]:
+    """A setup step of the parent's (a pipe, a file to open, a cgroup to make, the host's
+    mount table to read): a plain ``OSError`` from it becomes ``SetupStepFailed`` naming the
+    step, the errno and the path (the ``OSError``'s own file name when it has one, else
+    ``path``).  Errors that are already typed pass through."""
+    try:
+        yield
+    except IncarnateError:
+        raise
+    except OSError as e:
+        if not e.errno:  # an OSError made without one: its text says what happened
+            detail = f"{detail}; {e}" if detail else str(e)
+        where = e.filename if e.filename is not None else path
+        raise SetupStepFailed(step, e.errno or _errno.EIO, where, detail=detail) from e
+
+
+class SandboxIOFailed(_OSLike):
+    """The parent could not read from (or write to) a sandbox it started: the payload's
+    output or input, the init's status record, a sandboxed call's result.  By the time this
+    is raised the sandbox has ended (killed if it was still running) and been reaped, its
+    descriptors are closed and its cgroup released; what it would have sent is lost."""
+
+    def __init__(self, step: str, err: int, detail: str = "") -> None:
+        self.step = step
+        msg = f"{step} failed with {_errname(err)} ({os.strerror(err)})"
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(err, msg)
 
 
 class SandboxCrashed(IncarnateError):

@@ -7,6 +7,7 @@ are recorded) -> ordered child operations -> native core -> Result.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno as _errno
 import io
@@ -21,7 +22,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn
 
@@ -40,17 +41,20 @@ from pytest_incarnate.errors import (
     OverlayUnavailable,
     ProcSkipped,
     SandboxCrashed,
+    SandboxIOFailed,
     SandboxTimeout,
     SetupStepFailed,
     SpecError,
     UidMapFailed,
     UserNsDisabledBySysctl,
     UserNsRestrictedByLsm,
+    setup_step,
 )
 from pytest_incarnate.probe import Capabilities, id_maps, probe
 from pytest_incarnate.spec import NAMESPACES, Spec
 
 STAGE_BASE = "/tmp"
+MOUNTINFO = "/proc/self/mountinfo"
 # A refused clone worth one re-probe: a limit reached, or a capability taken away since.
 _RETRY_CLONE_ERRNOS = frozenset({_errno.EPERM, _errno.ENOSPC, _errno.EINVAL, _errno.EUSERS, _errno.EACCES})
 PIPE = -1
@@ -199,7 +203,8 @@ def make_plan(spec: Spec, caps: Capabilities) -> Plan:
     overlay_first = root in ("overlay", "readonly") and "user" in granted and caps["overlay.root"].granted
     cpus: frozenset[int] = frozenset()
     if spec.cpu_affinity is not None:
-        allowed = frozenset(os.sched_getaffinity(0))
+        with setup_step("cpu-affinity", detail="reading this process's CPU affinity"):
+            allowed = frozenset(os.sched_getaffinity(0))
         cpus = spec.cpu_affinity & allowed
         refused = sorted(spec.cpu_affinity - allowed)
         if refused:
@@ -247,7 +252,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
         ops.append(Op("stage-root", a=STAGE_BASE, path=STAGE_BASE))
         mountpoints: list[str] = []
         if plan.root == "overlay":
-            root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
+            with setup_step("host-mounts", MOUNTINFO, "listing the host's filesystems to overlay each"):
+                root_ops, layout = rootfs.overlay_root_ops(spec, plan, userxattr="user" in ns and not late)
             ops += root_ops
         else:
             dirs = spec.root_dirs()
@@ -259,7 +265,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
                 data = "lowerdir=" + ":".join(old + d for d in dirs) + (",userxattr" if "user" in ns and not plan.overlay_first else "")
                 ops.append(Op("mount-overlay", b=new, c=data, path=":".join(dirs), detail="read-only layer stack"))
             if plan.root == "own-trees":
-                root_ops, layout = rootfs.own_tree_ops(spec, plan)
+                with setup_step("host-mounts", MOUNTINFO, "finding the caller's own trees to overlay"):
+                    root_ops, layout = rootfs.own_tree_ops(spec, plan)
                 ops += root_ops
         ops += rootfs.standard_ops(spec, plan, overlay=plan.root == "overlay")
         mountpoints += ["/dev", "/sys", "/proc", *spec.hide]
@@ -293,7 +300,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             mountpoints.append(target)
             ops.append(Op("bind", a=old + src, b=new + target, flags=flags, path=b.source,
                           detail=f"onto {target}" + (" (read-only)" if b.readonly else "")))
-        here = os.getcwd()
+        with setup_step("cwd", detail="reading the working directory"):
+            here = os.getcwd()
         project_layer = (plan.root == "overlay" and spec.cwd is None and not spec.custom_root
                          and spec.mount_root_hides(here))
         if project_layer:
@@ -304,7 +312,8 @@ def build_ops(spec: Spec, plan: Plan) -> tuple[list[Op], rootfs.Layout]:
             layout = rootfs.Layout(layout.layers + ((here, name, here),))
             mountpoints.append(here)
         if plan.root == "overlay" or layout.layers:
-            hold = rootfs.hold_fd_number()
+            with setup_step("hold", "(upper layers)", "reading RLIMIT_NOFILE"):
+                hold = rootfs.hold_fd_number()
             ops.append(Op("hold", a=rootfs.UPPERS, ival=hold, path="(upper layers)"))
             skip = frozenset(p for m in mountpoints for p in _ancestors(m))
             layout = rootfs.Layout(layout.layers, tuple(scratch), skip, hold, spec.keep_upper)
@@ -444,12 +453,14 @@ class Handle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.returncode is None:
-            self.kill()
-        self.wait()
-        for f in (self.stdin, self.stdout, self.stderr):
-            if f is not None:
-                f.close()
+        try:
+            if self.returncode is None:
+                self.kill()
+            self.wait()
+        finally:
+            for f in (self.stdin, self.stdout, self.stderr):
+                if f is not None:
+                    f.close()
 
     def __del__(self) -> None:
         try:
@@ -501,16 +512,21 @@ class Handle:
         if pid == 0:
             return
         self.duration = time.monotonic() - self._start
-        if self._status_fd >= 0:
-            data = os.read(self._status_fd, _ffi.STATUS_SIZE)
-            if len(data) == _ffi.STATUS_SIZE:
-                status = int.from_bytes(data, "little", signed=True)
-        if os.WIFSIGNALED(status):
-            self.signal = os.WTERMSIG(status)
-            self.returncode = -self.signal
-        else:
-            self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+        lost: OSError | None = None  # the init's status record could not be read
         try:
+            if self._status_fd >= 0:
+                try:
+                    data = os.read(self._status_fd, _ffi.STATUS_SIZE)
+                except OSError as e:
+                    lost = e  # the init's own status stands in: the payload's exit code, or 128 + its signal
+                else:
+                    if len(data) == _ffi.STATUS_SIZE:
+                        status = int.from_bytes(data, "little", signed=True)
+            if os.WIFSIGNALED(status):
+                self.signal = os.WTERMSIG(status)
+                self.returncode = -self.signal
+            else:
+                self.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
             if self._hold_fd >= 0 and self._layout is not None:
                 try:
                     self.changes = rootfs.compute_changes(self._hold_fd, self._layout)
@@ -518,10 +534,17 @@ class Handle:
                     self.changes = None  # a host file it could not read: no report rather than a wrong one
                 rootfs.keep(self.changes, self._layout.keep_dir, self.pid)
         finally:
+            if self.returncode is None:  # reaped, whatever happened above: never waited for again
+                self.returncode = 255
             self._close_fds()
             self.stats = _release_cgroup(self._cgroup)
         # The init reaped the payload, so its usage counts the payload's CPU time.
         self.cause = limit_cause(self.signal, self.stats, self._cpu_limit, usage.ru_utime + usage.ru_stime)
+        if lost is not None:
+            raise SandboxIOFailed(
+                "read-status", lost.errno or _errno.EIO,
+                f"the payload's status record from the init is lost; returncode {self.returncode} is the init's "
+                "own exit status (the payload's exit code, or 128 + the signal that ended it)") from lost
 
     def _close_fds(self) -> None:
         for name in ("_status_fd", "pidfd", "_hold_fd"):
@@ -564,13 +587,44 @@ class Handle:
 
     def communicate(self, input: bytes | None = None, timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input``, read stdout and stderr to EOF, wait.  On timeout the sandbox is
-        killed and ``timed_out`` is set."""
+        killed and ``timed_out`` is set.  If communicate fails (an interrupt such as
+        KeyboardInterrupt, or a pipe that cannot be read or written: SandboxIOFailed), the
+        sandbox is killed and reaped before the exception propagates; its output is lost."""
+        try:
+            return self._communicate(input, timeout)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """After a failed communicate or run: kill the sandbox, close its pipes, reap it (which
+        closes its descriptors and releases its cgroup).  An error of this cleanup gives way to
+        the exception being handled."""
+        try:
+            self.kill()
+        except OSError:
+            pass
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if self.returncode is None:
+            try:
+                self._reap(0)
+            except Exception:
+                pass
+
+    def _communicate(self, input: bytes | None, timeout: float | None) -> tuple[bytes | None, bytes | None]:
         out: dict[int, list[bytes]] = {}
         readers = {}
-        for f in (self.stdout, self.stderr):
+        names = {}
+        for name, f in (("stdout", self.stdout), ("stderr", self.stderr)):
             if f is not None:
                 readers[f.fileno()] = f
                 out[f.fileno()] = []
+                names[f.fileno()] = name
         writer = self.stdin
         pending = memoryview(input or b"")
         if writer is not None and not pending:
@@ -585,16 +639,19 @@ class Handle:
                 deadline = None  # drain what is left, the sandbox is gone
                 continue
             wl = [writer.fileno()] if writer is not None else []
-            r, w, _ = select.select(list(readers), wl, [], remaining)
+            with _sandbox_io("poll-output"):
+                r, w, _ = select.select(list(readers), wl, [], remaining)
             for fd in r:
-                chunk = os.read(fd, 65536)
+                with _sandbox_io(f"read-{names[fd]}"):
+                    chunk = os.read(fd, 65536)
                 if chunk:
                     out[fd].append(chunk)
                 else:
                     readers.pop(fd)
             if w and writer is not None:
                 try:
-                    n = os.write(writer.fileno(), pending[:65536])
+                    with _sandbox_io("write-stdin"):
+                        n = os.write(writer.fileno(), pending[:65536])
                     pending = pending[n:]
                 except BrokenPipeError:
                     pending = pending[:0]
@@ -701,17 +758,24 @@ class Sandbox:
         parent_ends: list[IO[bytes] | None] = []
         try:
             for i, want in enumerate((stdin, stdout, stderr)):
+                stream = ("stdin", "stdout", "stderr")[i]
                 if want is None:
                     fds.append(-1)
                     parent_ends.append(None)
                 elif want == PIPE:
-                    r, w = os.pipe2(os.O_CLOEXEC)
-                    child, parent = (r, w) if i == 0 else (w, r)
-                    fds.append(child)
-                    to_close.append(child)
-                    parent_ends.append(os.fdopen(parent, "wb" if i == 0 else "rb", buffering=0))
+                    with setup_step("stdio-pipe", detail=f"creating the {stream} pipe"):
+                        r, w = os.pipe2(os.O_CLOEXEC)
+                        child, parent = (r, w) if i == 0 else (w, r)
+                        fds.append(child)
+                        to_close.append(child)
+                        try:
+                            parent_ends.append(os.fdopen(parent, "wb" if i == 0 else "rb", buffering=0))
+                        except BaseException:
+                            os.close(parent)
+                            raise
                 elif want == DEVNULL:
-                    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    with setup_step("open-devnull", os.devnull, f"to use as {stream}"):
+                        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                     fds.append(fd)
                     to_close.append(fd)
                     parent_ends.append(None)
@@ -756,9 +820,13 @@ class Sandbox:
             raise SpecError("input", input, "must be bytes")
         out = PIPE if capture_output else None
         h = self.spawn(argv, stdin=PIPE if input is not None else DEVNULL, stdout=out, stderr=out)
-        if timeout is None:
-            timeout = self.spec.timeout
-        stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
+        try:
+            if timeout is None:
+                timeout = self.spec.timeout
+            stdout, stderr = h.communicate(bytes(input) if input is not None else None, timeout)
+        except BaseException:  # an interrupt, a lost pipe: nothing of the sandbox outlives the call
+            h._abort()
+            raise
         assert h.returncode is not None
         return Result(h.argv, h.returncode, stdout, stderr, h.signal, h.timed_out, h.degradations,
                       h.plan.namespaces, h.duration, h.changes, h.stats, h.cause)
@@ -787,6 +855,20 @@ class CallOutcome:
     plan: Plan
     changes: rootfs.Changes | None = None
     stats: cgroups.Stats | None = None
+
+
+@contextlib.contextmanager
+def _sandbox_io(step: str, detail: str = "the sandbox was killed; its output is lost") -> Iterator[None]:
+    """Reading or writing a running sandbox's pipes: a plain OSError becomes SandboxIOFailed
+    (raised once the caller has killed and reaped the sandbox).  BrokenPipeError passes (a
+    payload that stops reading its input is not a failure), and so does InterruptedError
+    (the caller retries)."""
+    try:
+        yield
+    except (IncarnateError, BrokenPipeError, InterruptedError):
+        raise
+    except OSError as e:
+        raise SandboxIOFailed(step, e.errno or _errno.EIO, detail) from e
 
 
 def _release_cgroup(cg: cgroups.SandboxCgroup | None) -> cgroups.Stats | None:
@@ -856,19 +938,51 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_init: bool = True) -> int:
-    """Timeout: kill the whole sandbox; how many of its processes there were.  ``monitor``
-    is the process above the init, or the init itself (``monitor_above_init`` false)."""
+LOST_RESULT = "the sandbox was killed; the call's result is lost"
+
+
+def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_init: bool = True) -> tuple[int, list[int]]:
+    """Kill the whole sandbox of a call (a timeout, an interrupt, a lost result): how many of
+    its processes there were (not counting the init), and a pidfd of each of them, for
+    ``_await_killed`` once the monitor is reaped.  ``monitor`` is the process above the init,
+    or the init itself (``monitor_above_init`` false: direct enter)."""
     inside = _descendants(monitor)  # the init and everything below it (or what is below the init)
-    if cg is not None:
-        cg.kill_all()
-    os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+    pidfds = []
     for p in inside:
         try:
-            os.kill(p, _signal.SIGKILL)
-        except ProcessLookupError:
+            pidfds.append(os.pidfd_open(p))
+        except OSError:  # gone already
             pass
-    return max(0, len(inside) - 1) if monitor_above_init else len(inside)  # not counting the init
+    try:
+        if cg is not None:
+            cg.kill_all()
+        os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+        for p in inside:
+            try:
+                os.kill(p, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    except BaseException:
+        _await_killed(pidfds, 0.0)
+        raise
+    return (max(0, len(inside) - 1) if monitor_above_init else len(inside)), pidfds
+
+
+def _await_killed(pidfds: list[int], timeout: float = 5.0) -> None:
+    """After the monitor is reaped: wait (up to ``timeout`` in all) until every process of a
+    killed sandbox has exited, and reap those that came back to this process (when it is a
+    child subreaper), so that none outlives the call; close the pidfds."""
+    deadline = time.monotonic() + timeout
+    try:
+        for fd in pidfds:
+            try:
+                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except OSError:  # ChildProcessError: not this process's child, its own parent reaps it
+                pass
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 # Enter mode starts the init with CLONE_VM, so that only the payload copies the caller's
@@ -1058,7 +1172,8 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
                 reap_later: bool = False) -> CallOutcome:
     native, cspec, direct = _native_for_call(sandbox, p, cg)
-    r, w = os.pipe2(os.O_CLOEXEC)
+    with setup_step("result-pipe", detail="the pipe that brings the call's result back"):
+        r, w = os.pipe2(os.O_CLOEXEC)
     init: _ffi.DirectStarted | None = None
     if direct:
         if not _DUMPABLE:
@@ -1078,9 +1193,10 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         pid = init.pid
     else:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-                pid = os.fork()
+            with setup_step("fork", detail="forking the process that enters the sandbox"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+                    pid = os.fork()
         except BaseException:
             os.close(r)
             os.close(w)
@@ -1104,22 +1220,32 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     deadline = None if limit is None else time.monotonic() + limit
     timed_out = -1
     reaped = False
+    killed: list[int] | None = None  # pidfds of the sandbox's processes, once it has been killed
     parse_error: Exception | None = None
     status, usage = 0, None
     try:
-        while True:
-            if deadline is not None:
-                ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    timed_out = _kill_tree(pid, cg, monitor_above_init=not direct)
+        try:
+            while True:
+                if deadline is not None:
+                    with _sandbox_io("read-result", LOST_RESULT):
+                        ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        timed_out, killed = _kill_tree(pid, cg, monitor_above_init=not direct)
+                        break
+                try:
+                    with _sandbox_io("read-result", LOST_RESULT):
+                        b = os.read(r, 1 << 16)
+                except InterruptedError:
+                    continue
+                if not b:
                     break
-            try:
-                b = os.read(r, 1 << 16)
-            except InterruptedError:
-                continue
-            if not b:
-                break
-            chunks.append(b)
+                chunks.append(b)
+        except BaseException:
+            # An interrupt (KeyboardInterrupt), a failed read: the result is lost, so the
+            # sandbox is ended now rather than waited for.
+            if killed is None:
+                _, killed = _kill_tree(pid, cg, monitor_above_init=not direct)
+            raise
         data = b"".join(chunks)
         parsed = None
         if timed_out < 0 and data:
@@ -1137,13 +1263,17 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             reaped = True
     finally:
         os.close(r)
-        if not reaped:
-            if init is not None:
-                got = _reap_direct(init)
-                if got is not None:
-                    status, usage = got
-            else:
-                _, status, usage = os.wait4(pid, 0)
+        try:
+            if not reaped:
+                if init is not None:
+                    got = _reap_direct(init)
+                    if got is not None:
+                        status, usage = got
+                else:
+                    _, status, usage = os.wait4(pid, 0)
+        finally:
+            if killed is not None:
+                _await_killed(killed)
     if timed_out >= 0:
         _release_cgroup(cg)
         raise SandboxTimeout(limit or 0.0, timed_out)

@@ -327,20 +327,8 @@ INJECTED = "<injected>"  # in an expectation: the errno that was injected
 
 # Known bugs, each named once; a case carrying one is xfail(strict=True) and asserts the
 # correct behaviour, so that it turns red (XPASS) when the bug is fixed.
-BUG_UNTYPED_OSERROR = (
-    "bug: an OSError from the Python side of the setup (os.pipe2 of a stdio or result pipe, os.open of "
-    "/dev/null, reading /proc/self/mountinfo in rootfs, os.fork in Sandbox.call) escapes Sandbox.spawn/run/call "
-    "untyped, and so does one from cgroups.create (writing a limit such as pids.max), instead of an "
-    "IncarnateError naming the step and the errno")
-BUG_REAP = (
-    "bug: Handle._reap reads the init's status record (os.read of the status pipe) outside the try/finally that "
-    "closes the sandbox's descriptors and releases its cgroup: a failed read raises a bare OSError and leaves the "
-    "Handle (Sandbox.spawn) without a returncode, its pidfd and status descriptor open (and its cgroup); "
-    "Sandbox.run recovers only when its Handle is garbage-collected")
-BUG_CGROUP_FD_LEAK = (
-    "bug: cgroups.SandboxCgroup.open_for_spawn: when opening a later controller's tasks file fails, the files "
-    "already opened are never closed (create() removes the directories, not the descriptors); the OSError "
-    "escapes untyped")
+# (None open now: the cases that pinned the untyped OSErrors, the go-byte hang, Handle._reap
+# and open_for_spawn's leak assert the fixed behaviour.)
 
 
 @dataclass(frozen=True)
@@ -382,6 +370,8 @@ NOT_GO = Nth(r'^write\(\d+, "(?!g")')  # the parent's first other write: the chi
 MAPS_REQUEST = Nth(r'^write\(\d+, "\\20\\0\\0\\0', child=True)  # the child's record, step 16
 HOLD_READY = Nth(r'^write\(\d+, "\\21\\0\\0\\0', child=True)  # the child's record, step 17
 STATUS = Nth(r'^read\(\d+, "\\0\\0\\0\\0", 4\)\s+= 4$')  # the init's status record (exit 0)
+STDOUT = Nth(r'^read\(\d+, "", 65536\)')  # the parent's first read of a payload's pipe: stdout, at EOF
+RESULT = Nth(r'^read\(\d+, "\\200\\4')  # the parent's first read of a call's result (a pickle)
 
 CASES = [
     # -- the parent: clone, pipes, id maps, the go byte, pidfd_getfd (strace without -f)
@@ -399,8 +389,9 @@ CASES = [
          follow=False),
     Case("pidfd_getfd", "run", COW, (("pidfd_getfd", "1"),), ok(changes=False, degradations=[]), follow=False,
          note="no duplicate of the upper layers: the run has no changes report (changes is None)"),
-    Case("pipe2-stdout", "run", RO, (("pipe2", "1"),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
-    Case("openat-devnull", "run", RO, (("openat", Nth('"/dev/null"')),), TYPED, follow=False, bug=BUG_UNTYPED_OSERROR),
+    Case("pipe2-stdout", "run", RO, (("pipe2", "1"),), step("stdio-pipe"), follow=False),
+    Case("openat-devnull", "run", RO, (("openat", Nth('"/dev/null"')),), step("open-devnull", "/dev/null"),
+         follow=False),
     Case("write-go", "run", RO, (("write", GO),), step("go-byte"), follow=False, errnos=("EPERM",),
          note="the child, waiting for the byte, is killed and reaped: no hang"),
     Case("write-maps-request", "run", LIMITED, (("write", MAPS_REQUEST),), step("unshare"), errnos=("EPERM",),
@@ -408,8 +399,10 @@ CASES = [
               "that the parent's own writes come later): the child reports the failed write and exits"),
     Case("write-hold-ready", "run", {"pids": 64}, (("write", HOLD_READY),), step("hold", "(upper layers)"),
          errnos=("EPERM",), note="the child's word that the upper layers' fd is held, for pidfd_getfd"),
-    Case("read-status", "spawn", RO, (("read", STATUS),), {}, follow=False, bug=BUG_REAP,
+    Case("read-status", "spawn", RO, (("read", STATUS),), err("SandboxIOFailed", "read-status"), follow=False,
          note="the init's status record, read after the wait"),
+    Case("read-stdout", "run", RO, (("read", STDOUT),), err("SandboxIOFailed", "read-stdout"), follow=False,
+         note="the parent's read of the payload's stdout (communicate): the sandbox is killed and reaped"),
     # -- the child: every setup step (strace -f; the parent makes none of these calls)
     Case("prctl-pdeathsig", "run", RO, (("prctl", "1"),), step("parent-death-signal")),
     Case("prctl-no_new_privs", "run", RO, (("prctl", "2"),), step("no_new_privs")),
@@ -446,10 +439,10 @@ CASES = [
     Case("execve", "run", RO, (("execve", "1"),), err("NonExecutablePayload")),
     Case("write-cgroup-tasks", "run", LIMITED, (("write", "1"),), step("cgroup"), path=PIDS_TASKS,
          note="the child's move into its v1 pids cgroup (it writes 0 into tasks)"),
-    Case("cgroup-limit-write", "run", LIMITED, (("write", Nth(r'^write\(\d+, "64", 2\)')),), TYPED, follow=False,
-         bug=BUG_UNTYPED_OSERROR, note="the parent's write of pids.max"),
-    Case("cgroup-open-tasks", "run", LIMITED, (("openat", "1"),), TYPED, follow=False, path=PIDS_TASKS,
-         bug=BUG_CGROUP_FD_LEAK, note="the parent opens the pids controller's tasks file after the others"),
+    Case("cgroup-limit-write", "run", LIMITED, (("write", Nth(r'^write\(\d+, "64", 2\)')),), step("cgroup-limit"),
+         follow=False, note="the parent's write of pids.max"),
+    Case("cgroup-open-tasks", "run", LIMITED, (("openat", "1"),), step("cgroup-open"), follow=False, path=PIDS_TASKS,
+         note="the parent opens the pids controller's tasks file after the others"),
     Case("setgroups", "run", LIMITED, (("setgroups", "1"),), step("drop-privileges")),
     Case("setresgid", "run", LIMITED, (("setresgid", "1"),), step("drop-privileges")),
     Case("setresuid", "run", LIMITED, (("setresuid", "1"),), step("drop-privileges", "uid=65534 gid=65534")),
@@ -463,10 +456,12 @@ CASES = [
     Case("call-setsid", "call", COW, (("setsid", "1"),), step("setsid")),
     Case("call-clone-init", "call", COW, (("clone", "1"),), err("CloneFailed"),
          note="direct enter (a single-threaded caller): the first clone is the init's, from the caller"),
-    Case("call-fork", "call-forked", COW, (("clone", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR,
+    Case("call-fork", "call-forked", COW, (("clone", "1"),), step("fork"),
          note="a forked monitor (INCARNATE_DIRECT=0, or a threaded caller): os.fork"),
-    Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
-    Case("call-mountinfo", "call", COW, (("openat", "1"),), TYPED, bug=BUG_UNTYPED_OSERROR),
+    Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), step("result-pipe")),
+    Case("call-mountinfo", "call", COW, (("openat", "1"),), step("host-mounts", "/proc/self/mountinfo")),
+    Case("call-read-result", "call", COW, (("read", RESULT),), err("SandboxIOFailed", "read-result"), follow=False,
+         note="the parent's read of the call's result: the sandbox is killed and reaped"),
     Case("call-prctl-monitor", "call", COW, (("prctl", "1"),), step("parent-death-signal")),  # fixed: now typed
     Case("call-write-go", "call", COW, (("write", "1"),), step("go-byte"), errnos=("EPERM",),
          note="the monitor's go byte (the first write of every process is refused: it comes first)"),
@@ -604,17 +599,13 @@ def test_exhaustive(request: pytest.FixtureRequest, tmp_path: Any) -> None:
     print(f"{summary}; every case that is not clean: {report}")
     for why, where in sorted(bad.items()):
         print(f"{why}: {len(where)} cases, e.g. {where[:3]}")
-    # What the known bugs explain (each pinned by a case of the table): untyped OSErrors
-    # from the Python side, with the descriptors open_for_spawn leaks and the sandbox cgroup a
-    # refused rmdir leaves (for the sweep); cleanup at exit that only the next run's sweep
-    # finishes.  Anything else (a hang, a crash) fails the test.
+    # What the known bugs explain: a refused rmdir of the sandbox's cgroup when it is
+    # released, an untyped OSError that leaves the cgroup to the sweep; cleanup at exit that
+    # only the next run's sweep finishes.  Anything else (a hang, a crash) fails the test.
     def known(why: str) -> bool:
         if why == "left at exit for the next run's sweep":
             return True
-        if not why.startswith("untyped "):
-            return False
-        return "left behind" not in why or "open_for_spawn; left behind ['fds']" in why \
-            or "_rmdir; left behind ['cgroups']" in why
+        return why.startswith("untyped ") and "from cgroups.py:_rmdir; left behind ['cgroups']" in why
 
     unknown = {w: v for w, v in bad.items() if not known(w)}
     assert not unknown, f"{summary}; unexpected: {json.dumps(unknown, indent=1)}"

@@ -388,3 +388,100 @@ def test_an_optional_op_fails_on_another_errno_and_a_required_one_on_enoent(tmp_
         with pytest.raises(SetupStepFailed) as exc:
             _core_spawn([op])
         assert (exc.value.step, exc.value.errno, exc.value.path) == ("chdir", err, op.path)
+
+
+def _interrupt_when_readable(fd: int, main: int, timeout: float = 60.0) -> None:
+    """In a thread: once ``fd`` is readable (the payload says it runs), SIGINT the main thread,
+    whose default handler raises KeyboardInterrupt there.  Nothing sent if it never becomes
+    readable: the test then fails on its own (DID NOT RAISE, after the sandbox's timeout)."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if ready:
+        signal.pthread_kill(main, signal.SIGINT)
+
+
+def _frame_local(tb, function: str, name: str):
+    """A local variable of ``function``'s frame in a traceback (kept alive by it)."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return tb.tb_frame.f_locals[name]
+        tb = tb.tb_next
+    raise AssertionError(f"no frame of {function} in the traceback")
+
+
+@pytest.mark.parametrize("how", ["run", "communicate"])
+def test_an_interrupt_in_communicate_kills_and_reaps_the_sandbox(how, tmp_path, leak_check):
+    """KeyboardInterrupt while Sandbox.run (or Handle.communicate) waits on a payload that
+    would run for ever: the sandbox is killed and reaped before the interrupt goes on; no
+    process, descriptor or pipe is left, while its Handle is still referenced (not left to
+    the garbage collector)."""
+    import threading
+
+    os.mkfifo(tmp_path / "running")
+    before = leak_check()
+    sb = Sandbox(Spec(binds=[(str(tmp_path), "/tmp/sig")], copy_on_write=False, timeout=60))
+    # The payload reads its input, so the caller is inside communicate when it says (through
+    # the FIFO) that it runs.
+    argv = ["sh", "-c", "read x; echo running > /tmp/sig/running; exec sleep 1000"]
+    fifo = os.open(tmp_path / "running", os.O_RDONLY | os.O_NONBLOCK)
+    thread = threading.Thread(target=_interrupt_when_readable, args=(fifo, threading.main_thread().ident))
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as exc:
+            if how == "run":
+                sb.run(argv, input=b"go\n")
+            else:
+                h = sb.spawn(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+                h.communicate(b"go\n", timeout=60)
+    finally:
+        thread.join()
+        signal.signal(signal.SIGINT, old)
+        os.close(fifo)
+    if how == "run":
+        h = _frame_local(exc.value.__traceback__, "run", "h")
+    assert h.returncode == -signal.SIGKILL  # killed, then reaped
+    assert h.pidfd == -1 and all(f is None or f.closed for f in (h.stdin, h.stdout, h.stderr))
+    after = leak_check()
+    assert after.descendants == before.descendants, "sandbox processes left behind"
+    assert after.fds == before.fds, f"descriptors left: {sorted(os.listdir('/proc/self/fd'))}"
+
+
+def test_an_interrupt_during_a_call_kills_and_reaps_the_sandbox(leak_check):
+    """KeyboardInterrupt while Sandbox.call waits for a callable that would not return: the
+    whole sandbox (monitor, init, payload) is killed, and gone, before the interrupt goes on,
+    instead of the interrupt waiting for the call to end."""
+    import threading
+
+    before = leak_check()
+    running_r, running_w = os.pipe()
+    gate_r, gate_w = os.pipe()  # the callable returns once something is written here
+    done = threading.Event()
+    stuck = []
+
+    def wait_for_the_gate() -> None:
+        os.write(running_w, b"running")
+        os.read(gate_r, 1)
+
+    def interrupter() -> None:
+        _interrupt_when_readable(running_r, threading.main_thread().ident)
+        if not done.wait(30):  # a watchdog: the interrupt has not come back
+            stuck.append(True)
+            os.write(gate_w, b"x")  # let the call end, so that the test fails instead of hanging
+
+    thread = threading.Thread(target=interrupter)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Sandbox(Spec(timeout=60)).call(wait_for_the_gate)
+        done.set()
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(signal.SIGINT, old)
+        for fd in (running_r, running_w, gate_r, gate_w):
+            os.close(fd)
+    assert not stuck, "the interrupt waited for the sandboxed call to end"
+    after = leak_check()
+    assert after.descendants == before.descendants, "sandbox processes left behind"
+    assert after.fds == before.fds, f"descriptors left: {sorted(os.listdir('/proc/self/fd'))}"
