@@ -395,7 +395,7 @@ def _one(line: Line, gap: float) -> tuple[Sample | None, str]:
     assert line.sample is not None
     try:
         return line.sample(gap), ""
-    except Exception as e:  # noqa: BLE001 - a failing line is reported, not fatal
+    except Exception as e:  # a failing line is reported, not fatal
         return None, f"{type(e).__name__}: {e}"
 
 
@@ -448,7 +448,7 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = []
     for k, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         text.append("  ".join(cells).rstrip())
         if k == 0:
             text.append("  ".join("-" * w for w in widths))

@@ -51,8 +51,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 TRUE = "/bin/true"
 NAMESPACES = frozenset({"user", "mount", "pid", "uts", "ipc", "net"})
@@ -133,7 +133,7 @@ def make_lines() -> list[Line]:
     lines: list[Line] = []
     try:
         from pytest_incarnate import Sandbox, Spec
-    except Exception as e:  # noqa: BLE001 - reported, not raised
+    except Exception as e:  # reported, not raised
         why = f"pytest_incarnate cannot be imported: {e!r} (pip install -e .)"
         lines.append(Line("incarnate_run", "incarnate run (pipes)", "Sandbox(spec).run([...])", None, skipped=why))
         lines.append(Line("incarnate_spawn", "incarnate spawn().wait()", "Sandbox(spec).spawn([...]).wait()", None,
@@ -190,7 +190,7 @@ def _sample(line: Line) -> tuple[int, str]:
     t0 = time.perf_counter_ns()
     try:
         rc = line.call()
-    except Exception as e:  # noqa: BLE001 - a failing line is reported, not fatal
+    except Exception as e:  # a failing line is reported, not fatal
         return time.perf_counter_ns() - t0, f"{type(e).__name__}: {e}"
     dt = time.perf_counter_ns() - t0
     return dt, "" if rc == 0 else f"exit status {rc}"
@@ -283,7 +283,7 @@ def table(results: dict[str, dict[str, object]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = []
     for k, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         text.append("  ".join(cells).rstrip())
         if k == 0:
             text.append("  ".join("-" * w for w in widths))

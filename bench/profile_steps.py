@@ -24,10 +24,9 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from pytest_incarnate import Sandbox, Spec
-from pytest_incarnate import _ffi
+from pytest_incarnate import Sandbox, Spec, _ffi
 from pytest_incarnate import sandbox as sb
 from pytest_incarnate._ffi import BIND_CREATE, BIND_REC, BIND_RO, Native, Op
 

@@ -16,11 +16,11 @@ import textwrap
 
 import pytest
 
-pytest_plugins = ["pytester"]
-
 from pytest_incarnate import PIPE, Sandbox, Spec
 from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, Run, sweep
-from pytest_incarnate.errors import CgroupNotWritable, SandboxCrashed, SpecError
+from pytest_incarnate.errors import SandboxCrashed, SpecError
+
+pytest_plugins = ["pytester"]
 
 H = Hierarchy.detect()
 pytestmark = pytest.mark.skipif(

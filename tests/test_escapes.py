@@ -141,7 +141,7 @@ def test_tiocsti_cannot_push_input_into_the_callers_terminal(tmp_path, leak_chec
     script.write_text(TIOCSTI_CHILD)
     master, slave = pty.openpty()
     try:
-        proc = subprocess.run([PY, str(script)], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.run([PY, str(script)], stdin=slave, capture_output=True,
                               start_new_session=True, timeout=60,
                               preexec_fn=lambda: __import__("fcntl").ioctl(0, __import__("termios").TIOCSCTTY, 0))
     finally:

@@ -187,7 +187,7 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
             for fd in r:
                 del waiting[fd]
         assert not waiting, f"sandbox processes still running {EXIT_TIMEOUT} s after the kills: {sorted(waiting.values())}"
-        for pid, (fd, _) in tracked.items():
+        for fd, _ in tracked.values():
             try:
                 os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)   # the adopted ones
             except ChildProcessError:

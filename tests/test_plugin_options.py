@@ -348,7 +348,8 @@ def test_xdist_worker_survives_a_crashing_sandbox(pytester: pytest.Pytester) -> 
     pytester.makepyfile(
         "import os, signal\n"
         "def test_exit(): os._exit(3)\n"
-        "def test_kill(): os.kill(os.getpid(), signal.SIGKILL)\n" + "".join(f"def test_ok_{i}(): assert os.getpid() == 2\n" for i in range(8))
+        "def test_kill(): os.kill(os.getpid(), signal.SIGKILL)\n"
+        + "".join(f"def test_ok_{i}(): assert os.getpid() == 2\n" for i in range(8))
     )
     result = pytester.runpytest("-p", "no:cacheprovider", "-n", "2", "--incarnate")
     result.assert_outcomes(passed=8, failed=2)

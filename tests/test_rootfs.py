@@ -278,7 +278,7 @@ def test_unprivileged_user_writes_its_own_files_copy_on_write():
             f.write("host\n")
         for p in (home, os.path.join(home, "notes.txt")):
             os.chown(p, 65534, 65534)
-        for root, dirs, files in os.walk(base):
+        for root, _dirs, _files in os.walk(base):
             os.chmod(root, 0o755)
         script = os.path.join(base, "s.py")
         with open(script, "w") as f:

@@ -171,7 +171,7 @@ def unprivileged():
         script = os.path.join(top, "script.py")
         with open(script, "w") as f:
             f.write(SCRIPT)
-        for dirpath, dirnames, filenames in os.walk(top):
+        for dirpath, _dirnames, filenames in os.walk(top):
             os.chmod(dirpath, 0o755)
             for n in filenames:
                 p = os.path.join(dirpath, n)
