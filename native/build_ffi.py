@@ -39,9 +39,35 @@ if os.environ.get("INCARNATE_SANITIZE"):
     _extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     _extra_link += ["-fsanitize=address,undefined"]
 
+# Direct enter's entry point, called through ctypes.PyDLL (the GIL held, no bytecode between
+# the steps): the interpreter's fork protocol around the core call, as os.fork has it.  Not
+# in the cdef: cffi would release the GIL around it.
+_DIRECT_WRAPPER = r"""
+#include "incarnate.h"
+
+/* Hidden by the limited API that cffi builds with; exported by every CPython 3.8+. */
+extern void PyOS_BeforeFork(void);
+extern void PyOS_AfterFork_Parent(void);
+extern void PyOS_AfterFork_Child(void);
+extern int PySys_Audit(const char *event, const char *format, ...);
+
+int inc_enter_direct_py(const struct inc_spec *spec, struct inc_result *res, void *mem)
+{
+    if (PySys_Audit("os.fork", NULL) < 0)
+        return -3;   /* the audit hook's exception is set: ctypes raises it */
+    PyOS_BeforeFork();
+    int rc = inc_enter_direct(spec, res, mem);
+    if (rc == 1)
+        PyOS_AfterFork_Child();   /* clears the signals the copy inherited as pending */
+    else
+        PyOS_AfterFork_Parent();
+    return rc;
+}
+"""
+
 ffibuilder.set_source(
     "pytest_incarnate._native",
-    '#include "incarnate.h"',
+    _DIRECT_WRAPPER,
     sources=[os.path.relpath(HERE / "incarnate.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=_extra_compile,

@@ -1456,12 +1456,41 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
 
 /* Direct enter: inc_enter's CLONE_VM start, called by the Python process itself instead of
  * a forked monitor, so that the payload is the only copy of its memory.  The init shares
- * the caller's memory for its whole life, on a stack of its own (inc_direct_new), and
- * keeps to raw system calls once the caller runs again; the caller keeps `spec`, `res`
- * and that memory until it has reaped the init, then frees the memory (inc_direct_free).
- * The payload's memory flag "dumpable" is given back to it; the caller's stays cleared
- * while any such init lives (the caller restores it: see sandbox.py). */
+ * the caller's memory for its whole life, on a stack of its own (inc_direct_new: a guard
+ * page, the stack, then the init's context above it), and keeps to raw system calls once
+ * the caller runs again.  The core keeps a registry of these inits: each one's pid, its
+ * memory and its status pipe, until inc_direct_reap has waited for it; only then is its
+ * stack unmapped.  The init clears the memory's dumpable flag before forking the payload
+ * (see child_main); the registry gives the flag back when its last init is reaped, if the
+ * flag was set before the first and nobody changed it since. */
 #define INC_DIRECT_STACK (256 * 1024)
+#define INC_DIRECT_MAX 64
+
+struct direct_entry {
+    pid_t pid;
+    int status_fd;
+    void *mem;
+};
+static struct direct_entry direct_live[INC_DIRECT_MAX];
+static int direct_n;
+static int direct_saved_dumpable = -1;   /* the flag before the first live init cleared it */
+
+static size_t direct_page(void)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    return pg > 0 ? (size_t)pg : 4096;
+}
+
+static size_t direct_size(void)
+{
+    size_t pg = direct_page();
+    return pg + INC_DIRECT_STACK + ((sizeof(struct vm_ctx) + pg - 1) / pg) * pg;
+}
+
+static struct vm_ctx *direct_ctx(void *mem)
+{
+    return (struct vm_ctx *)((char *)mem + direct_page() + INC_DIRECT_STACK);
+}
 
 int inc_direct_available(void)
 {
@@ -1474,34 +1503,81 @@ int inc_direct_available(void)
 
 void *inc_direct_new(void)
 {
-    size_t size = sizeof(struct vm_ctx) + INC_DIRECT_STACK;
+    if (direct_n >= INC_DIRECT_MAX) {
+        errno = EAGAIN;   /* the caller reaps, or forks a monitor */
+        return NULL;
+    }
+    size_t size = direct_size();
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
+    if (p == MAP_FAILED)
+        return NULL;
+    if (mprotect(p, direct_page(), PROT_NONE) < 0) {   /* an overflow faults, not corrupts */
+        munmap(p, size);
+        return NULL;
+    }
+    return p;
 }
 
 void inc_direct_free(void *mem)
 {
     if (mem != NULL)
-        munmap(mem, sizeof(struct vm_ctx) + INC_DIRECT_STACK);
+        munmap(mem, direct_size());
+}
+
+static void direct_restore_dumpable(void)
+{
+    if (direct_n == 0 && direct_saved_dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0)
+        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    if (direct_n == 0)
+        direct_saved_dumpable = -1;
+}
+
+static int direct_threads(void)
+{
+    int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char buf[4096];
+    int n = 0;
+    for (;;) {
+        long got = syscall(SYS_getdents64, fd, buf, sizeof buf);
+        if (got <= 0)
+            break;
+        for (long off = 0; off < got;) {
+            unsigned short reclen = *(unsigned short *)(buf + off + 16);
+            const char *name = buf + off + 19;
+            if (name[0] != '.')
+                n++;
+            off += reclen;
+        }
+    }
+    close(fd);
+    return n;
 }
 
 int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem)
 {
 #if INC_RAW_SYSCALLS
-    struct vm_ctx *vm = mem;
+    if (direct_threads() != 1) {
+        res->step = 0;
+        return 2;   /* not single-threaded (now): the caller forks a monitor instead */
+    }
+    struct vm_ctx *vm = direct_ctx(mem);
     memset(vm, 0, sizeof *vm);
     vm->spec = spec;
     vm->res = res;
-    /* 16-byte aligned, at the top of the mapping, above the context */
-    vm->stack_top = (char *)(((uintptr_t)mem + sizeof(struct vm_ctx) + INC_DIRECT_STACK) & ~(uintptr_t)15);
+    vm->cx.dumpable = -1;
+    vm->stack_top = (char *)((uintptr_t)vm & ~(uintptr_t)15);   /* grows down, toward the guard page */
     sigaltstack(NULL, &vm->altstack);
     sigset_t all;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
     vm_cur = vm;
     if (__builtin_setjmp(vm->jb)) {
-        /* the payload (see vm_init_main) */
+        /* the payload (see vm_init_main): nothing of the registry is its */
         vm_payload_restore(vm_cur);
+        direct_n = 0;
+        direct_saved_dumpable = -1;
         res = vm_cur->res;
         res->step = 0;
         res->pid = -1;
@@ -1511,6 +1587,21 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
         return 1;
     }
     int r = start(spec, res, 1, vm);
+    if (r == 0) {
+        /* the init lives: registered before the caller can run any code of its own */
+        if (direct_n == 0)
+            direct_saved_dumpable = vm->cx.dumpable;
+        direct_live[direct_n].pid = res->pid;
+        direct_live[direct_n].status_fd = res->status_fd;
+        direct_live[direct_n].mem = mem;
+        direct_n++;
+        close_if(&res->pidfd);
+        close_if(&res->hold_fd);   /* the payload reads its own upper layers */
+        res->status_fd = -1;        /* the registry's */
+    } else if (direct_n == 0 && vm->cx.dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0) {
+        /* the init cleared the flag, then failed to fork the payload (start reaped it) */
+        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    }
     sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
     return r < 0 ? -1 : 0;
 #else
@@ -1521,4 +1612,68 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
     res->op_index = -1;
     return -1;
 #endif
+}
+
+int inc_direct_live(void)
+{
+    return direct_n;
+}
+
+int inc_direct_owns(const void *mem)
+{
+    for (int i = 0; i < direct_n; i++)
+        if (direct_live[i].mem == mem)
+            return 1;
+    return 0;
+}
+
+int inc_direct_reap(int pid, int nohang, int *payload_status, long long *cpu_us)
+{
+    if (direct_n == 0)
+        return -1;
+    int i = 0, st = 0;
+    struct rusage ru;
+    memset(&ru, 0, sizeof ru);
+    pid_t got = 0;
+    if (pid > 0) {
+        while (i < direct_n && direct_live[i].pid != pid)
+            i++;
+        if (i >= direct_n)
+            return -1;
+        do {
+            got = wait4(pid, &st, nohang ? WNOHANG : 0, &ru);
+        } while (got < 0 && errno == EINTR);
+    } else {
+        /* any: the first that has exited (nohang), or the first registered */
+        for (i = 0; i < direct_n; i++) {
+            do {
+                got = wait4(direct_live[i].pid, &st, nohang ? WNOHANG : 0, &ru);
+            } while (got < 0 && errno == EINTR);
+            if (got != 0 || !nohang)
+                break;
+        }
+        if (i >= direct_n)
+            return 0;
+    }
+    if (got == 0)
+        return 0;
+    struct direct_entry e = direct_live[i];
+    /* got == e.pid, or ECHILD: reaped behind our back (SIGCHLD ignored); gone either way */
+    int32_t rec = 0;
+    ssize_t n = -1;
+    if (e.status_fd >= 0) {
+        do {
+            n = read(e.status_fd, &rec, sizeof rec);
+        } while (n < 0 && errno == EINTR);
+        close(e.status_fd);
+    }
+    if (payload_status != NULL)
+        *payload_status = n == (ssize_t)sizeof rec ? rec : (got > 0 ? st : 0);
+    if (cpu_us != NULL)
+        *cpu_us = (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000
+                  + ru.ru_utime.tv_usec + ru.ru_stime.tv_usec;
+    inc_direct_free(e.mem);
+    direct_live[i] = direct_live[--direct_n];
+    direct_restore_dumpable();
+    return e.pid;
 }

@@ -176,16 +176,26 @@ int inc_spawn(const struct inc_spec *spec, struct inc_result *res);
  * Returns -1 in the calling process, with res filled, when setup failed. */
 int inc_enter(const struct inc_spec *spec, struct inc_result *res);
 
-/* Direct enter, for the calling process itself (single-threaded; the caller holds what
- * fork would: see sandbox.py).  `mem` comes from inc_direct_new and is freed with
- * inc_direct_free once the init (res->pid) is reaped; `spec` and `res` live as long.
- * Returns 1 in the payload (pid 2 under the init), 0 in the caller with res->pid,
- * res->pidfd and res->status_fd filled, or -1 with res filled and nothing left behind.
+/* Direct enter, for the calling process itself; called through inc_enter_direct_py (the
+ * module's wrapper that holds the interpreter's fork protocol around it, see build_ffi.py).
+ * `mem` comes from inc_direct_new (NULL with errno EAGAIN when 64 inits are live).  Returns
+ * 1 in the payload (pid 2 under the init), 0 in the caller with the init registered (see
+ * inc_direct_reap: its stack and status pipe are the registry's, res->pid names it), 2 when
+ * the caller is not single-threaded (nothing done: fork a monitor instead; `mem` is the
+ * caller's to free), or -1 with res filled and nothing left behind (`mem` is the caller's).
  * inc_direct_available() is 0 where it cannot work (no raw system calls, shadow stacks). */
 int inc_direct_available(void);
 void *inc_direct_new(void);
 void inc_direct_free(void *mem);
 int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem);
+/* Wait for a registered init (pid, or any with -1; nohang: only if it has exited): its
+ * payload's raw wait status and the CPU time of the sandbox, in microseconds.  Returns the
+ * pid, 0 if it is still running (nohang), -1 if no such init is registered.  Unmaps its
+ * stack, and gives the dumpable flag back after the last one. */
+int inc_direct_reap(int pid, int nohang, int *payload_status, long long *cpu_us);
+int inc_direct_live(void);
+/* 1 if `mem` is a live init's (registered), else 0. */
+int inc_direct_owns(const void *mem);
 
 /* Decode a status record read from status_fd: the payload's raw wait status. */
 int inc_status_size(void);

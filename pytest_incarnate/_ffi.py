@@ -14,7 +14,7 @@ import select
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 try:
     from pytest_incarnate._native import ffi, lib  # type: ignore[import-not-found,unused-ignore]
@@ -417,35 +417,17 @@ STATUS_SIZE = lib.inc_status_size()
 # ---------------------------------------------------------------- direct enter
 # The caller itself starts the init (CLONE_VM), and the init forks the payload from the
 # caller's memory: one copy instead of two (a forked monitor, then the payload).  The call
-# goes through ctypes' PyDLL, which keeps the GIL held as os.fork does, between
-# PyOS_BeforeFork and PyOS_AfterFork_Parent/_Child (the interpreter's fork protocol: the
-# import lock, os.register_at_fork handlers, the thread states in the copy).
+# goes through ctypes' PyDLL to the module's inc_enter_direct_py (native/build_ffi.py): the
+# GIL stays held and no bytecode runs between PyOS_BeforeFork, the core call and
+# PyOS_AfterFork_Parent/_Child, as in os.fork.  A started init is the core's (its registry:
+# inc_direct_reap) before any Python code of the caller runs again.
 
 
-@dataclass
+@dataclass(frozen=True)
 class DirectStarted:
-    """An init started by ``enter_direct``, sharing this process's memory until reaped."""
+    """An init started by ``enter_direct``; reaped with ``direct_reap``."""
 
     pid: int
-    pidfd: int
-    status_fd: int
-    mem: Any          # the init's context and stack (inc_direct_new)
-    keep: tuple[Any, ...]  # the spec and result the init reads, alive until it is reaped
-
-    def release(self) -> None:
-        """After the init is reaped: its stack, and the descriptors."""
-        if self.mem is not None:
-            lib.inc_direct_free(self.mem)
-            self.mem = None
-        self.release_fds()
-        self.keep = ()
-
-    def release_fds(self) -> None:
-        for name in ("pidfd", "status_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
 
 
 _direct_call: Any = None
@@ -460,14 +442,10 @@ def direct_available() -> bool:
 
             from pytest_incarnate import _native
 
-            fn = ctypes.PyDLL(_native.__file__).inc_enter_direct
+            fn = ctypes.PyDLL(_native.__file__).inc_enter_direct_py
             fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
             fn.restype = ctypes.c_int
-            api = ctypes.pythonapi
-            for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
-                getattr(api, name).argtypes = ()
-                getattr(api, name).restype = None
-            _direct_call = (fn, api) if lib.inc_direct_available() else False
+            _direct_call = fn if lib.inc_direct_available() else False
         except (ImportError, OSError, AttributeError):
             _direct_call = False
     return bool(_direct_call)
@@ -477,37 +455,60 @@ def _addr(p: Any) -> int:
     return int(ffi.cast("uintptr_t", p))
 
 
-def enter_direct(native: Native, spec: Any) -> DirectStarted | None:
-    """Enter the sandbox from this (single-threaded) process without forking it first.
-    Returns None in the payload; in the caller, the started init (to reap, then
-    ``release``).  Raises the typed error if setup failed, with nothing left behind."""
-    fn, api = _direct_call
+def enter_direct(native: Native, spec: Any) -> DirectStarted | None | Literal[False]:
+    """Enter the sandbox from this process without forking it first.  Returns None in the
+    payload; in the caller, the started init, or False when this process is not (or no
+    longer) single-threaded or 64 inits are live (fork a monitor instead).  Raises the
+    typed error if setup failed, with nothing left behind."""
     mem = lib.inc_direct_new()
     if mem == ffi.NULL:
-        raise CloneFailed(errno.ENOMEM, tuple(native.ns))
+        if ffi.errno == errno.EAGAIN:
+            return False
+        raise CloneFailed(ffi.errno or errno.ENOMEM, tuple(native.ns))
     res = ffi.new("struct inc_result *")
-    stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1
-    api.PyOS_BeforeFork()
+    me = os.getpid()
+    stage_fd = -1
     try:
-        rc = fn(_addr(spec), _addr(res), _addr(mem))
+        stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1
+        rc = _direct_call(_addr(spec), _addr(res), _addr(mem))
+        if rc == 1:  # the payload
+            if stage_fd >= 0:
+                os.close(stage_fd)
+            if _TEST_STAGE is not None:
+                _test_stage("after-mounts")
+            return None
     except BaseException:
-        api.PyOS_AfterFork_Parent()
-        lib.inc_direct_free(mem)
-        raise
-    if rc == 1:  # the payload
-        api.PyOS_AfterFork_Child()
+        if os.getpid() != me:  # pragma: no cover - the payload never runs the caller's code
+            os._exit(70)
+        if lib.inc_direct_owns(mem):  # started, then interrupted: end it (reaped later)
+            try:
+                os.kill(res.pid, 9)
+            except ProcessLookupError:
+                pass
+        else:
+            lib.inc_direct_free(mem)
         if stage_fd >= 0:
             os.close(stage_fd)
-        if _TEST_STAGE is not None:
-            _test_stage("after-mounts")
-        return None
-    api.PyOS_AfterFork_Parent()
+        raise
     if stage_fd >= 0:
         os.close(stage_fd)
-    if rc != 0:
-        lib.inc_direct_free(mem)
-        raise error_for(native, res)
-    for fd in (res.hold_fd, res.pidfd):  # the payload reads its own upper layers; the init is waited for by pid
-        if fd >= 0:
-            os.close(fd)
-    return DirectStarted(res.pid, -1, res.status_fd, mem, (spec, res, native))
+    if rc == 0:
+        return DirectStarted(res.pid)
+    lib.inc_direct_free(mem)
+    if rc == 2:
+        return False
+    raise error_for(native, res)
+
+
+def direct_reap(pid: int = -1, nohang: bool = False) -> tuple[int, int, float]:
+    """Wait for a directly started init (``pid``, or any with -1; ``nohang``: only one that
+    has exited): (its pid, 0 if none has exited, -1 if none is registered; the payload's
+    raw wait status; the sandbox's CPU time in seconds)."""
+    status = ffi.new("int *")
+    cpu = ffi.new("long long *")
+    got = lib.inc_direct_reap(pid, int(nohang), status, cpu)
+    return int(got), int(status[0]), cpu[0] / 1e6
+
+
+def direct_live() -> int:
+    return int(lib.inc_direct_live()) if _direct_call else 0

@@ -97,11 +97,19 @@ class MountWatch:
         self.fd = -1
         self.poller: Any = None
         self.gen = 0
+        self.ns = -1  # the mount namespace watched (its inode)
 
     def generation(self) -> int:
         if not self.enabled:
             return -1
+        try:
+            ns = os.stat("/proc/self/ns/mnt").st_ino
+        except OSError:
+            ns = -1
+        if self.pid == os.getpid() and ns != self.ns:  # moved to another mount namespace
+            self.close()
         if self.pid != os.getpid():
+            self.ns = ns
             self.pid = os.getpid()
             self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
             self.poller = select.poll()

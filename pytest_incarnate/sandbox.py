@@ -17,7 +17,6 @@ import resource
 import select
 import shutil
 import signal as _signal
-import sys
 import threading
 import time
 import traceback
@@ -996,70 +995,38 @@ DIRECT = os.environ.get("INCARNATE_DIRECT", "1") != "0"
 
 # Finished sandboxed calls whose processes are on their way out, reaped at the next
 # sandbox or at exit: monitor pids, or inits started directly.
-_PENDING: list[int | _ffi.DirectStarted] = []
-_DIRECT_LIVE: list[_ffi.DirectStarted] = []  # inits sharing this process's memory
-_DUMPABLE: list[int] = []  # this process's dumpable flag before the first direct init
-
-
-_PENDING_MAX = 4  # at most this many finished sandboxes still on their way out
+# Finished sandboxed calls whose processes are on their way out, reaped at the next
+# sandbox or at exit: forked monitors' pids here; directly started inits are in the core's
+# registry (_ffi.direct_reap).
+_PENDING: list[int] = []
+_PENDING_MAX = 4  # at most this many finished sandboxes still on their way out, of each kind
 
 
 def reap_pending(block: bool = True) -> None:
     """Reap the monitors or inits of finished sandboxed calls (see ``reap_later``).  Not
     blocking: only those already gone, and the oldest while more than _PENDING_MAX are
     left (a sandbox's exit, its copy of the memory torn down, then overlaps the next test)."""
-    keep: list[int | _ffi.DirectStarted] = []
-    for i, item in enumerate(_PENDING):
+    keep: list[int] = []
+    for i, pid in enumerate(_PENDING):
         wait = block or len(_PENDING) - i > _PENDING_MAX
-        pid = item if isinstance(item, int) else item.pid
         try:
             done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done == 0:
-            keep.append(item)
-        elif not isinstance(item, int):
-            _reap_direct(item, reaped=True)
+            keep.append(pid)
     _PENDING[:] = keep
+    if _ffi.direct_live():
+        while _ffi.direct_reap(-1, nohang=not block)[0] > 0:
+            pass
+        while _ffi.direct_live() > _PENDING_MAX:
+            _ffi.direct_reap(-1)
 
 
 atexit.register(reap_pending)
 
 
-def _prctl_dumpable(value: int | None = None) -> int:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if value is None:
-        return int(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
-    return int(libc.prctl(4, value, 0, 0, 0))  # PR_SET_DUMPABLE
-
-
-def _reap_direct(init: _ffi.DirectStarted, reaped: bool = False) -> tuple[int, Any] | None:
-    """Wait for a directly started init; the payload's wait status (from its status
-    record; the init's own if there is none) and the rusage.  Once no such init shares
-    this process's memory any more, its dumpable flag is given back (the core clears it
-    so that a payload cannot reach this process through its init: see the core)."""
-    status, usage = 0, None
-    if not reaped:
-        try:
-            _, status, usage = os.wait4(init.pid, 0)
-        except ChildProcessError:  # reaped behind our back (SIGCHLD ignored)
-            pass
-    rec = b""
-    if init.status_fd >= 0:
-        try:
-            rec = os.read(init.status_fd, _ffi.STATUS_SIZE)
-        except OSError:
-            rec = b""
-    if len(rec) == _ffi.STATUS_SIZE:
-        status = int.from_bytes(rec, sys.byteorder, signed=True)
-    init.release()
-    if init in _DIRECT_LIVE:
-        _DIRECT_LIVE.remove(init)
-    if not _DIRECT_LIVE and _DUMPABLE and _DUMPABLE[0] == 1:
-        _prctl_dumpable(1)
-    return status, usage
+_ALL_SIGNALS = _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP}
 
 
 def _single_threaded() -> bool:
@@ -1143,8 +1110,14 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
     cacheable = not spec.binds and not spec.overlays and not spec.custom_root and _ffi._TEST_STAGE is None
     if rootfs.MOUNT_WATCH.enabled and cg is None and cacheable:
         try:
-            key = (spec, p, os.getcwd(), resource.getrlimit(resource.RLIMIT_NOFILE), os.getpid(),
-                   sandbox._use_clone3, _single_threaded(), threading.current_thread() is threading.main_thread())
+            # Everything build_ops reads besides the spec, the plan and the mount table: the
+            # working directory, home (own trees), ids, the fd limit (the hold fd's number)
+            # and the hard limits that "unlimited" rlimits stand for.
+            limits = tuple(resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
+                           for name in sorted(spec.rlimits or {}))
+            key = (spec, p, os.getcwd(), os.path.expanduser("~"), os.getuid(), os.geteuid(), os.getgid(), os.getegid(),
+                   resource.getrlimit(resource.RLIMIT_NOFILE), limits, os.getpid(), sandbox._use_clone3, ENTER_VM,
+                   DIRECT, _single_threaded(), threading.current_thread() is threading.main_thread())
             hash(key)
         except (OSError, TypeError):
             key = None
@@ -1172,49 +1145,71 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
                 reap_later: bool = False) -> CallOutcome:
     native, cspec, direct = _native_for_call(sandbox, p, cg)
-    with setup_step("result-pipe", detail="the pipe that brings the call's result back"):
-        r, w = os.pipe2(os.O_CLOEXEC)
+    # No signal handler (KeyboardInterrupt, a timeout plugin's) runs from the result pipe's
+    # creation until the sandbox is known here and the try/finally below that ends it has
+    # begun: every signal waits meanwhile (the payload and a monitor get the mask back).
+    me = os.getpid()
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
+    unblocked = False
+
+    def unblock() -> None:
+        nonlocal unblocked
+        if not unblocked:
+            unblocked = True
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+
+    try:
+        with setup_step("result-pipe", detail="the pipe that brings the call's result back"):
+            r, w = os.pipe2(os.O_CLOEXEC)
+    except BaseException:
+        unblock()
+        raise
     init: _ffi.DirectStarted | None = None
-    if direct:
-        if not _DUMPABLE:
-            _DUMPABLE.append(_prctl_dumpable())
-        try:
-            init = _ffi.enter_direct(native, cspec)
-        except BaseException:
-            os.close(r)
-            os.close(w)
-            raise
-        if init is None:  # pragma: no cover - runs in the payload
-            try:
-                os.close(r)
-            finally:
-                _payload_main(sandbox, native, body, w)
-        _DIRECT_LIVE.append(init)
-        pid = init.pid
-    else:
-        try:
+    try:
+        if direct:
+            got = _ffi.enter_direct(native, cspec)
+            if got is None:  # pragma: no cover - runs in the payload
+                try:
+                    os.close(r)
+                    unblock()
+                finally:
+                    _payload_main(sandbox, native, body, w)
+            if got is False:  # threads appeared, or too many inits live: fork a monitor
+                direct = False
+                native = dataclasses.replace(native, expect_ppid=os.getpid())
+                cspec = native.build()
+            else:
+                init = got
+                pid = init.pid
+        if not direct:
             with setup_step("fork", detail="forking the process that enters the sandbox"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
                     pid = os.fork()
-        except BaseException:
-            os.close(r)
-            os.close(w)
-            raise
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                os.close(r)
-                cgroups.Run.forget_in_child()
-                _ffi.enter(native, cspec)
-            except IncarnateError as e:
+            if pid == 0:  # pragma: no cover - runs in the child
                 try:
-                    _write_all(w, pickle.dumps(("setup", e)))
-                finally:
-                    os._exit(0)
-            except BaseException:
-                os._exit(70)
-            _payload_main(sandbox, native, body, w)
-    os.close(w)
+                    os.close(r)
+                    unblock()
+                    cgroups.Run.forget_in_child()
+                    _ffi.enter(native, cspec)
+                except IncarnateError as e:
+                    try:
+                        _write_all(w, pickle.dumps(("setup", e)))
+                    finally:
+                        os._exit(0)
+                except BaseException:
+                    os._exit(70)
+                _payload_main(sandbox, native, body, w)
+        os.close(w)
+        w = -1
+    except BaseException:
+        if os.getpid() != me:  # pragma: no cover - a payload never runs the caller's code
+            os._exit(70)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        unblock()
+        raise
     chunks = []
     limit = sandbox.spec.timeout
     deadline = None if limit is None else time.monotonic() + limit
@@ -1222,9 +1217,10 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     reaped = False
     killed: list[int] | None = None  # pidfds of the sandbox's processes, once it has been killed
     parse_error: Exception | None = None
-    status, usage = 0, None
+    status, used = 0, 0.0
     try:
         try:
+            unblock()  # a signal now is handled below: the sandbox is killed and reaped
             while True:
                 if deadline is not None:
                     with _sandbox_io("read-result", LOST_RESULT):
@@ -1256,21 +1252,24 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 parsed = (kind, value, entries)
             except Exception as e:  # a torn result: the status below says why
                 parse_error = e
-        if parsed is not None and reap_later and cg is None and parsed[0] != "setup":
-            if init is not None:  # its status is not needed any more: no descriptor stays open
-                init.release_fds()
-            _PENDING.append(init if init is not None else pid)  # the result is whole: on their way out
+        # The result is whole: the processes are on their way out, and are reaped later (a
+        # directly started init stays in the core's registry).  Not for a caller that is not
+        # root: its memory stays non-dumpable while a direct init lives, and its next
+        # sandbox's id maps could then not be written.
+        if (parsed is not None and reap_later and cg is None and parsed[0] != "setup"
+                and (init is None or os.geteuid() == 0)):
+            if init is None:
+                _PENDING.append(pid)
             reaped = True
     finally:
         os.close(r)
         try:
             if not reaped:
                 if init is not None:
-                    got = _reap_direct(init)
-                    if got is not None:
-                        status, usage = got
+                    _, status, used = _ffi.direct_reap(init.pid)
                 else:
                     _, status, usage = os.wait4(pid, 0)
+                    used = usage.ru_utime + usage.ru_stime
         finally:
             if killed is not None:
                 _await_killed(killed)
@@ -1279,7 +1278,6 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         raise SandboxTimeout(limit or 0.0, timed_out)
     if not data:
         cpu = (sandbox.spec.rlimits or {}).get("cpu")
-        used = usage.ru_utime + usage.ru_stime if usage is not None else 0.0
         raise _crash(status, _release_cgroup(cg), cpu[0] if cpu else None, used)
     if parsed is None:
         raise SandboxCrashed(f"the sandboxed call's result could not be read back: {parse_error!r}") from parse_error

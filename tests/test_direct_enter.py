@@ -23,8 +23,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not _ffi.direct_available()
 
 DRIVER = r'''
 import json, os, random, sys, threading
-from pytest_incarnate import Sandbox
-from pytest_incarnate import sandbox as sb
+from pytest_incarnate import Sandbox, _ffi
 
 threaded = sys.argv[1] == "threaded"
 ready_w, go_r = int(sys.argv[2]), int(sys.argv[3])
@@ -36,7 +35,12 @@ if threaded:
 def payload():
     os.write(ready_w, b"r")      # the test looks at the tree now
     os.read(go_r, 1)             # until it says go
-    return os.getpid(), random.random()
+    try:                         # the init shares the caller's memory: it must be out of reach
+        open("/proc/1/mem", "rb").close()
+        init_mem = "opened"
+    except OSError as e:
+        init_mem = type(e).__name__
+    return os.getpid(), random.random(), init_mem
 
 def dumpable():
     import ctypes
@@ -52,7 +56,7 @@ out["second"] = Sandbox().call(lambda: random.random())
 for _ in range(200):
     Sandbox().call(os.getpid)
 out["vm_after"] = vm_kib()
-out["live"] = len(sb._DIRECT_LIVE)
+out["live"] = _ffi.direct_live()
 if threaded:
     gate.set()
     t.join()
@@ -116,6 +120,7 @@ def test_a_single_threaded_caller_starts_the_init_itself() -> None:
     assert report["top_ns"][init] != report["driver_ns"]
     assert len(grandchildren) == 1
     assert report["first"][0] == 2   # the payload is pid 2 inside
+    assert report["first"][2] == "PermissionError"   # the init (pytest's memory) is not dumpable
     # While the init shared its memory the caller was not dumpable; the flag is back after.
     assert report["before"] == 1 and report["after"] == 1
     # Each payload has its own random state (the interpreter's fork protocol ran: random is reseeded).
@@ -135,6 +140,7 @@ def test_a_threaded_caller_forks_a_monitor(mode: str, env: dict[str, str]) -> No
     assert report["top_ns"][monitor] == report["driver_ns"]
     assert len(grandchildren) == 1
     assert report["first"][0] == 2
+    assert report["first"][2] == "PermissionError"
     assert report["after"] == 1
     assert report["first"][1] != report["second"]
     assert report["live"] == 0
@@ -184,3 +190,113 @@ def test_a_mount_made_between_tests_is_seen_by_the_next_sandbox(tmp_path: Path) 
         os.rmdir(d)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 passed" in r.stdout, r.stdout
+
+
+REAP_LATER_CONFTEST = r"""
+import ctypes, json, os
+import pytest
+from pytest_incarnate import _ffi
+
+SEEN = {"setup": []}
+
+def dumpable():
+    return ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
+
+def pytest_runtest_setup(item):
+    SEEN["setup"].append([dumpable(), _ffi.direct_live()])
+
+def pytest_unconfigure(config):
+    SEEN["end"] = [dumpable(), _ffi.direct_live()]
+    with open(os.environ["REPORT"], "w") as f:
+        json.dump(SEEN, f)
+"""
+
+
+def test_the_plugin_reaps_later_and_gives_the_flag_back_at_the_end(tmp_path: Path) -> None:
+    """The plugin's path: a finished test's init is reaped at a later call (non-blocking,
+    once gone) or at the end; meanwhile pytest is not dumpable; at the end no init is
+    left and the flag is back."""
+    (tmp_path / "conftest.py").write_text(REAP_LATER_CONFTEST)
+    (tmp_path / "test_many.py").write_text("".join(f"def test_{i}(): pass\n" for i in range(6)))
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--incarnate", "test_many.py"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "REPORT": str(report), "PYTHONPATH": REPO})
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = json.loads(report.read_text())
+    assert seen["setup"][0] == [1, 0]   # before the first sandbox
+    # From the second test on, the previous test's init may still be registered: the flag
+    # is cleared exactly while one is.
+    for flag, live in seen["setup"][1:]:
+        assert flag == (0 if live else 1), seen
+    assert any(live for _, live in seen["setup"][1:]), seen   # reaped later, not at once
+    assert seen["end"] == [1, 0]
+
+
+STORM = r"""
+import errno, json, os, random, signal, sys
+from pytest_incarnate import Sandbox, _ffi
+from pytest_incarnate import sandbox as sbm
+
+class Tick(BaseException):   # as KeyboardInterrupt, or a timeout plugin's outcome
+    pass
+
+armed = [False]   # raise only inside a call: the bookkeeping below is left alone
+
+def tick(signum, frame):
+    if armed[0]:
+        armed[0] = False
+        raise Tick()
+
+me = os.getpid()
+sbm.forked_enter(Sandbox(), os.getpid)   # the probe and the imports, before the storm
+fds_before = sorted(os.listdir("/proc/self/fd"))
+signal.signal(signal.SIGALRM, tick)
+rng = random.Random(4)
+outcomes = {"ok": 0, "tick": 0, "other": []}
+for _ in range(int(sys.argv[1])):
+    try:
+        armed[0] = True
+        # one SIGALRM somewhere in the call: before, during or after the init's start,
+        # while the payload runs, while its result is read
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0001, 0.008))
+        try:
+            v = sbm.forked_enter(Sandbox(), os.getpid, reap_later=True).value
+        finally:
+            armed[0] = False
+        if os.getpid() != me:      # a payload running the caller's code
+            os.write(2, b"ESCAPED\n")
+            os._exit(99)
+        outcomes["ok" if v == 2 else "other"] += 1 if v == 2 else [repr(v)]
+    except Tick:
+        if os.getpid() != me:
+            os.write(2, b"ESCAPED\n")
+            os._exit(99)
+        outcomes["tick"] += 1
+    except Exception as e:
+        outcomes["other"].append(f"{type(e).__name__}: {e}")
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+sbm.reap_pending()
+import ctypes
+out = {"outcomes": outcomes, "live": _ffi.direct_live(), "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
+       "fds": sorted(os.listdir("/proc/self/fd")) == fds_before,
+       "children": open(f"/proc/{me}/task/{me}/children").read().split()}
+print(json.dumps(out))
+"""
+
+
+def test_signals_during_direct_calls_leave_nothing_and_never_run_the_caller_s_code() -> None:
+    """A SIGALRM whose handler raises, at a random point of each of 300 direct calls: each call
+    returns or raises the handler's exception in the caller only (never in a payload), and
+    afterwards no init is registered, no child is left, no descriptor leaked, and the
+    caller is dumpable again."""
+    r = subprocess.run([sys.executable, "-c", STORM, "300"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": REPO}, cwd="/")
+    assert "ESCAPED" not in r.stderr
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert not out["outcomes"]["other"], out
+    assert out["outcomes"]["ok"] + out["outcomes"]["tick"] == 300
+    assert out["outcomes"]["tick"] > 0 and out["outcomes"]["ok"] > 0, out   # both happened
+    assert out["live"] == 0 and out["dumpable"] == 1 and out["fds"] and out["children"] == [], out

@@ -139,6 +139,21 @@ record("strict_mount_uts", lambda: run(Spec(namespaces={"mount", "uts"}, strict=
 missing = os.path.join(os.getcwd(), "no-such-source")
 record("bind_missing_call", lambda: Sandbox(Spec(binds=[missing])).call(os.getpid))
 record("bind_missing_run", lambda: run(Spec(binds=[missing]), ["/bin/true"]))
+
+def direct_sequence():
+    """The plugin's per-test path (reap_later) several times, a program between the calls:
+    for a caller that is not root, a direct init is reaped at once, so its memory is
+    dumpable again before the next sandbox writes its id maps."""
+    import ctypes
+    from pytest_incarnate import _ffi, sandbox as sbm
+    values = []
+    for _ in range(5):
+        values.append(sbm.forked_enter(Sandbox(Spec()), os.getpid, reap_later=True).value)
+        values.append(Sandbox(Spec()).run(["/bin/true"]).returncode)
+    return {"values": values, "direct": _ffi.direct_available(), "live": _ffi.direct_live(),
+            "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)}
+
+record("direct_sequence", direct_sequence)
 print(json.dumps(OUT))
 '''
 
@@ -300,3 +315,12 @@ def test_bind_of_missing_source(unprivileged):
         assert err["errno"] == errno.ENOENT, key
         assert err["path"] == missing, key
         assert "ENOENT" in err["message"] and missing in err["message"]
+
+
+def test_calls_in_a_row_and_programs_between_them(unprivileged):
+    seq = unprivileged["direct_sequence"]
+    assert "ok" in seq, seq
+    seq = seq["ok"]
+    assert seq["values"] == [2, 0] * 5
+    assert seq["direct"] is True   # x86_64 or aarch64: the direct path was the one taken
+    assert seq["live"] == 0 and seq["dumpable"] == 1
