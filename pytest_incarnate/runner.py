@@ -309,7 +309,7 @@ def run_call_sandboxed(item: pytest.Item) -> None:
     t0 = time.monotonic()
     try:
         call_cache(True)  # until the session ends (plugin.pytest_sessionfinish)
-        out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup, reap_later=os.environ.get("XREAP") != "1")
+        out = forked_enter(sandbox, lambda: _child_body(item), plan=plan, cgroup=cgroup, reap_later=True)
     except SandboxCrashed as e:
         record.duration = time.monotonic() - t0
         item.stash[CRASH] = e
