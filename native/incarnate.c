@@ -1619,6 +1619,15 @@ int inc_direct_live(void)
     return direct_n;
 }
 
+void inc_direct_drop_status(int pid)
+{
+    for (int i = 0; i < direct_n; i++)
+        if (direct_live[i].pid == pid && direct_live[i].status_fd >= 0) {
+            close(direct_live[i].status_fd);
+            direct_live[i].status_fd = -1;
+        }
+}
+
 int inc_direct_owns(const void *mem)
 {
     for (int i = 0; i < direct_n; i++)

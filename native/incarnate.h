@@ -194,6 +194,9 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
  * stack, and gives the dumpable flag back after the last one. */
 int inc_direct_reap(int pid, int nohang, int *payload_status, long long *cpu_us);
 int inc_direct_live(void);
+/* Close a registered init's status pipe: its payload's status is not wanted (the caller
+ * has the result), and a finished sandbox waiting to be reaped holds no descriptor. */
+void inc_direct_drop_status(int pid);
 /* 1 if `mem` is a live init's (registered), else 0. */
 int inc_direct_owns(const void *mem);
 

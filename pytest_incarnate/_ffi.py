@@ -510,5 +510,11 @@ def direct_reap(pid: int = -1, nohang: bool = False) -> tuple[int, int, float]:
     return int(got), int(status[0]), cpu[0] / 1e6
 
 
+def direct_drop_status(pid: int) -> None:
+    """A registered init's status pipe is closed: a finished call waiting to be reaped holds
+    no descriptor (its result is in)."""
+    lib.inc_direct_drop_status(pid)
+
+
 def direct_live() -> int:
     return int(lib.inc_direct_live()) if _direct_call else 0

@@ -1260,6 +1260,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 and (init is None or os.geteuid() == 0)):
             if init is None:
                 _PENDING.append(pid)
+            else:
+                _ffi.direct_drop_status(init.pid)
             reaped = True
     finally:
         os.close(r)
