@@ -8,10 +8,12 @@ overlay, pivot_root, bringing up lo).  The sysctls are read only to explain a re
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import json
 import os
 import platform
+import signal
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -104,22 +106,37 @@ class Capabilities:
         )
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A trial child is started and reaped with every signal waiting: an interrupt (say
+    KeyboardInterrupt during the first probe) comes after, and leaves no zombie."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _spawn_and_reap(native: Native) -> _ffi.Started:
+    with _signals_held():
+        st = _ffi.spawn(native)
+        os.waitpid(st.pid, 0)
+        if st.pidfd >= 0:
+            os.close(st.pidfd)
+    return st
+
+
 def _trial(ns: tuple[str, ...], ops: list[Op], maps: tuple[str, str, bool] | None) -> tuple[bool, str, int]:
     """Run the ops in a throwaway child; (ok, failed step, errno)."""
     uid_map, gid_map, deny = maps if maps else (None, None, False)
     try:
-        st = _ffi.spawn(
-            Native(ns=ns, ops=ops, uid_map=uid_map, gid_map=gid_map, setgroups_deny=deny, use_init=False)
-        )
+        _spawn_and_reap(Native(ns=ns, ops=ops, uid_map=uid_map, gid_map=gid_map, setgroups_deny=deny, use_init=False))
     except SetupStepFailed as e:
         return False, e.step, e.errno or 0
     except CloneFailed as e:
         return False, "clone", e.errno or 0
     except IncarnateError as e:
         return False, getattr(e, "step", type(e).__name__), getattr(e, "errno", 0) or 0
-    os.waitpid(st.pid, 0)
-    if st.pidfd >= 0:
-        os.close(st.pidfd)
     return True, "", 0
 
 
@@ -351,10 +368,7 @@ def _probe() -> Capabilities:
 
     items += _cgroup_items()
 
-    st = _ffi.spawn(Native(ns=(), ops=[], use_init=False))
-    os.waitpid(st.pid, 0)
-    if st.pidfd >= 0:
-        os.close(st.pidfd)
+    st = _spawn_and_reap(Native(ns=(), ops=[], use_init=False))
     items.append(Capability("clone3", st.used_clone3, "" if st.used_clone3 else "clone3 is not available: clone(2) is used"))
     items.append(Capability("pidfd", st.pidfd >= 0, "" if st.pidfd >= 0 else "CLONE_PIDFD is not available (Linux < 5.2)"))
 

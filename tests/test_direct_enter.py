@@ -300,3 +300,42 @@ def test_signals_during_direct_calls_leave_nothing_and_never_run_the_caller_s_co
     assert out["outcomes"]["ok"] + out["outcomes"]["tick"] == 300
     assert out["outcomes"]["tick"] > 0 and out["outcomes"]["ok"] > 0, out   # both happened
     assert out["live"] == 0 and out["dumpable"] == 1 and out["fds"] and out["children"] == [], out
+
+
+PROBE_STORM = r"""
+import json, os, random, signal, sys
+from pytest_incarnate.probe import probe
+
+class Tick(BaseException):
+    pass
+
+def tick(signum, frame):
+    raise Tick()
+
+me = os.getpid()
+signal.signal(signal.SIGALRM, tick)
+rng = random.Random(7)
+ticks = done = 0
+for _ in range(int(sys.argv[1])):
+    signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0001, 0.02))
+    try:
+        probe(refresh=True)
+        done += 1
+    except Tick:
+        ticks += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+print(json.dumps({"ticks": ticks, "done": done,
+                  "children": open(f"/proc/{me}/task/{me}/children").read().split()}))
+"""
+
+
+def test_an_interrupted_probe_leaves_no_child() -> None:
+    """The probe's trial children are started and reaped with signals held: a handler that
+    raises (KeyboardInterrupt, a timeout's) at any point of 60 probes leaves no zombie."""
+    r = subprocess.run([sys.executable, "-c", PROBE_STORM, "60"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": REPO}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["ticks"] > 0, out
+    assert out["children"] == [], out
