@@ -29,6 +29,7 @@ import secrets
 import signal as _signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from pytest_incarnate.errors import CgroupNotWritable, CgroupSkipped, Degradation, SetupStepFailed, SpecError, setup_step
@@ -355,9 +356,18 @@ class SandboxCgroup:
         return len(pids)
 
     def remove(self) -> None:
+        """Remove the sandbox's cgroups.  One the kernel will not remove is left to the next
+        run's sweep, with a warning: the sandbox's result is not lost for it."""
         self.close_fds()
+        failed = []
         for d in list(dict.fromkeys(self.dirs.values())) + ([self.v2] if self.v2 else []):
-            _rmdir(d)
+            try:
+                _rmdir(d)
+            except OSError as e:
+                failed.append(f"{d} ({_errname(e)})")
+        if failed:
+            warnings.warn(f"incarnate: the sandbox's cgroup could not be removed: {', '.join(failed)}; "
+                          "the next run's sweep (or `pytest-incarnate sweep`) removes it", RuntimeWarning, stacklevel=2)
 
 
 def _rmdir(d: str) -> None:

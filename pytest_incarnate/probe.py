@@ -110,11 +110,19 @@ class Capabilities:
 def _signals_held() -> Iterator[None]:
     """A trial child is started and reaped with every signal waiting: an interrupt (say
     KeyboardInterrupt during the first probe) comes after, and leaves no zombie."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    try:
+        mask: set[int | signal.Signals] | None = signal.pthread_sigmask(
+            signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    except OSError:  # refused: the trial goes on without that protection
+        mask = None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if mask is not None:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            except OSError:
+                pass
 
 
 def _spawn_and_reap(native: Native) -> _ffi.Started:

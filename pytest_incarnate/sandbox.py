@@ -1029,6 +1029,23 @@ atexit.register(reap_pending)
 _ALL_SIGNALS = _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP}
 
 
+def _hold_signals() -> set[int | _signal.Signals] | None:
+    """Block every signal; the mask before, or None if the kernel refused (then nothing is
+    held: the call goes on without that protection)."""
+    try:
+        return _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
+    except OSError:
+        return None
+
+
+def _release_signals(mask: set[int | _signal.Signals] | None) -> None:
+    if mask is not None:
+        try:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        except OSError:  # cannot happen with a valid mask; nothing better to do
+            pass
+
+
 def _single_threaded() -> bool:
     try:
         return len(os.listdir("/proc/self/task")) == 1
@@ -1149,14 +1166,14 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
     # creation until the sandbox is known here and the try/finally below that ends it has
     # begun: every signal waits meanwhile (the payload and a monitor get the mask back).
     me = os.getpid()
-    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
+    mask = _hold_signals()
     unblocked = False
 
     def unblock() -> None:
         nonlocal unblocked
         if not unblocked:
             unblocked = True
-            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+            _release_signals(mask)
 
     try:
         with setup_step("result-pipe", detail="the pipe that brings the call's result back"):
