@@ -625,7 +625,13 @@ def test_exhaustive(request: pytest.FixtureRequest, tmp_path: Any) -> None:
             return True
         # A refused rmdir of the sandbox's cgroup leaves it to the next run's sweep, with a
         # warning; the sandbox's result is kept.
-        return why.startswith("left behind ['cgroups']") and all(" rmdir:" in w for w in where)
+        if why.startswith("left behind ['cgroups']") and all(" rmdir:" in w for w in where):
+            return True
+        # Known, open (docs/reliability.md): a refused read of the call's result, while the
+        # forked monitor is still in its clone, kills the monitor before its init exists; the
+        # init, orphaned before it armed its parent-death signal, sees EOF on its go byte and
+        # exits at once, but this driver (a child subreaper) may count it first.
+        return why == "left behind ['children']" and all(w.startswith("call-forked {} read:") for w in where)
 
     unknown = {w: v for w, v in bad.items() if not known(w, v)}
     assert not unknown, f"{summary}; unexpected: {json.dumps(unknown, indent=1)}"
