@@ -1129,6 +1129,19 @@ static void vm_payload_restore(const struct vm_ctx *v)
     sigprocmask(SIG_SETMASK, &v->cx.oldmask, NULL);
 }
 
+/* In the payload, just landed from the jump: what a CLONE_VM child lost given back, and the
+ * caller's result marked as the payload's (no pid, no descriptors: those are the parent's). */
+static void vm_payload_landed(void)
+{
+    vm_payload_restore(vm_cur);
+    struct inc_result *res = vm_cur->res;
+    res->step = 0;
+    res->pid = -1;
+    res->pidfd = -1;
+    res->status_fd = -1;
+    res->hold_fd = -1;
+}
+
 /* Shadow stacks (CET) would not survive the jump between stacks. */
 static int vm_shadow_stack_on(void)
 {
@@ -1421,14 +1434,7 @@ int inc_enter(const struct inc_spec *spec, struct inc_result *res)
         sigfillset(&all);
         sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
         if (__builtin_setjmp(vm->jb)) {
-            /* the payload (see vm_init_main) */
-            vm_payload_restore(vm_cur);
-            res = vm_cur->res;
-            res->step = 0;
-            res->pid = -1;
-            res->pidfd = -1;
-            res->status_fd = -1;
-            res->hold_fd = -1;
+            vm_payload_landed();   /* the payload (see vm_init_main) */
             return 0;
         }
     }
@@ -1574,16 +1580,9 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
     sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
     vm_cur = vm;
     if (__builtin_setjmp(vm->jb)) {
-        /* the payload (see vm_init_main): nothing of the registry is its */
-        vm_payload_restore(vm_cur);
+        vm_payload_landed();   /* the payload (see vm_init_main): nothing of the registry is its */
         direct_n = 0;
         direct_saved_dumpable = -1;
-        res = vm_cur->res;
-        res->step = 0;
-        res->pid = -1;
-        res->pidfd = -1;
-        res->status_fd = -1;
-        res->hold_fd = -1;
         return 1;
     }
     int r = start(spec, res, 1, vm);
