@@ -6,26 +6,7 @@ import os
 from dataclasses import dataclass
 
 import pytest
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+from _procs import descendants
 
 
 @dataclass(frozen=True)
@@ -40,7 +21,7 @@ def host_state() -> HostState:
     with open("/proc/self/mountinfo") as f:
         mounts = len(f.readlines())
     return HostState(
-        descendants=len(_descendants(os.getpid())),
+        descendants=len(descendants(os.getpid())),
         mounts=mounts,
         fds=len(os.listdir("/proc/self/fd")),
         tmp_entries=frozenset(os.listdir("/tmp")),

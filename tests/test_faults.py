@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _procs import descendants
 
 from pytest_incarnate import cgroups
 
@@ -162,23 +163,6 @@ emit(out)
 '''
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children[int(f.read().rsplit(")", 1)[1].split()[1])].append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _kill_all(pids: list[int]) -> None:
     for p in pids:
         try:
@@ -230,7 +214,7 @@ def run_case(mode: str, spec: dict[str, Any], faults: list[tuple[str, str, str]]
         try:
             out, err = drv.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            left = _descendants(drv.pid)
+            left = descendants(drv.pid)
             _kill_all([drv.pid, *left])
             drv.communicate()
             return {"outcome": "hang", "left": left, "elapsed": time.monotonic() - t0}
@@ -248,7 +232,7 @@ def run_case(mode: str, spec: dict[str, Any], faults: list[tuple[str, str, str]]
         return res
     finally:
         if drv.poll() is None:
-            _kill_all([drv.pid, *_descendants(drv.pid)])
+            _kill_all([drv.pid, *descendants(drv.pid)])
             drv.wait()
         if tracer is not None and tracer.poll() is None:
             tracer.kill()

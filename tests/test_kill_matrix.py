@@ -36,7 +36,6 @@ crashed while running ...") and the run goes on (the other tests pass, exit stat
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import select
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _procs import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, children_map, descendants, prctl, start_time
 
 from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, _run_lock_dir, sweep
 
@@ -74,7 +74,6 @@ ROUNDS, XDIST_ROUNDS = 5, 1          # per stage; --reliability-full: FULL_ROUND
 FULL_ROUNDS = 20
 GONE_WITHIN = 2.0      # seconds from the kill until every process of the sandbox is gone
 READY_TIMEOUT = 60.0   # seconds for one pytest to reach the stage (a loaded machine is slow)
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 OTHERS = 6             # plain tests beside the sandboxed one (test_other), under xdist
 
 INNER = '''
@@ -122,51 +121,6 @@ def test_spawned():
 
     Sandbox(Spec(memory="64M", pids=64)).run(["sh", "-c", "sleep 1000 & wait"])
 '''
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def _descendants(root: int) -> set[int]:
-    children = _children()
-    out: set[int] = set()
-    todo = [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (None: no such process); tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _prctl(option: int, arg: int = 0) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if option == PR_GET_CHILD_SUBREAPER:
-        val = ctypes.c_int(0)
-        if libc.prctl(option, ctypes.byref(val), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
-        return val.value
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl")
-    return 0
 
 
 def _bases() -> list[str]:
@@ -222,10 +176,10 @@ def subreaper():
     """The killed pytest's orphans (its forked child, the sandbox's init) come back to this
     process, which reaps them: "gone from /proc" can then be checked exactly (pid 1 here
     reaps orphans only every few seconds)."""
-    was = _prctl(PR_GET_CHILD_SUBREAPER)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    was = prctl(PR_GET_CHILD_SUBREAPER)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     yield
-    _prctl(PR_SET_CHILD_SUBREAPER, was)
+    prctl(PR_SET_CHILD_SUBREAPER, was)
 
 
 def _rounds(request: pytest.FixtureRequest, normal: int) -> int:
@@ -314,7 +268,7 @@ class Round:
         runs = _run_dirs()
         if not self.xdist:
             return proc.pid, {d for d in runs if _run_pid(d) == proc.pid}
-        workers = set(_children().get(proc.pid, []))
+        workers = set(children_map().get(proc.pid, []))
         self.pids.update(workers)
         target = workers & {_run_pid(d) for d in runs}
         assert len(target) == 1, (workers, runs)
@@ -335,11 +289,11 @@ class Round:
         assert run_dirs, f"no cgroup of the sandboxed test's run (pid {target})"
         # Below the killed process, and in its sandbox cgroups (a process that left the tree
         # stays in those).
-        below = _descendants(target) | _cgroup_procs(run_dirs)
+        below = set(descendants(target)) | _cgroup_procs(run_dirs)
         assert len(below) >= self.min_procs, (self.stage, self.mode, below)
         tracked: dict[int, tuple[int, int]] = {}   # pid -> (pidfd, start time)
         for pid in below:
-            start = _start_time(pid)
+            start = start_time(pid)
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:
@@ -424,13 +378,13 @@ class Round:
         while True:
             alive = []
             for pid, (fd, start) in tracked.items():
-                if _start_time(pid) != start:
+                if start_time(pid) != start:
                     continue
                 try:
                     os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
                 except ChildProcessError:
                     pass   # not (yet) ours: reaped by its parent, or inside its pid namespace
-                if _start_time(pid) == start:
+                if start_time(pid) == start:
                     alive.append(pid)
             now = time.monotonic()
             if not alive:

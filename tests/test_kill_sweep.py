@@ -15,7 +15,6 @@ that prefix under the memory controller's own cgroup.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _procs import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, descendants, prctl, start_time
 
 from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, _run_lock_dir, sweep
 
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.skipif(
 ROUNDS = 20
 READY_TIMEOUT = 20.0   # seconds for one pytest to reach the blocked test
 EXIT_TIMEOUT = 10.0    # seconds for every sandbox process to be gone after the kills
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 
 INNER = '''
 import os
@@ -73,47 +72,6 @@ def _procs(run_id: str) -> set[int]:
     return out
 
 
-def _descendants(root: int) -> set[int]:
-    """Every process below ``root`` (from the parent pids in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out: set[int] = set()
-    todo = [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (None: no such process); tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _prctl(option: int, arg: int = 0) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if option == PR_GET_CHILD_SUBREAPER:
-        val = ctypes.c_int(0)
-        if libc.prctl(option, ctypes.byref(val), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
-        return val.value
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl")
-    return 0
-
-
 def _wait_ready(fifo: str, proc: subprocess.Popen[bytes], log: str) -> None:
     """Block on the FIFO until the sandboxed test writes its line (or pytest ends)."""
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # no writer yet: select waits for one
@@ -147,8 +105,8 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
     # The sandbox's init (and a forked monitor, if there is one) is orphaned by the kill. As a subreaper, this process adopts them and
     # reaps them, so "gone from /proc" can be checked exactly. (pid 1 here reaps orphans only
     # every few seconds.)
-    was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    was_subreaper = prctl(PR_GET_CHILD_SUBREAPER)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     run_ids: list[str] = []
     tracked: dict[int, tuple[int, int]] = {}   # pid -> (pidfd, start time)
     try:
@@ -167,10 +125,10 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
             # every process of the run is below the pytest process (the init is its child:
             # pytest starts it itself; a forked monitor, from a threaded caller, would be
             # below it too, outside the cgroup)
-            below = _descendants(proc.pid)
+            below = set(descendants(proc.pid))
             assert in_cgroup <= below, (run_id, in_cgroup, below)
             for pid in below:
-                start = _start_time(pid)
+                start = start_time(pid)
                 try:
                     tracked[pid] = (os.pidfd_open(pid), start or -1)
                 except ProcessLookupError:
@@ -197,14 +155,14 @@ def test_pytest_killed_mid_test_20_times_leaves_nothing_after_sweep(tmp_path: Pa
         # test process holds the run's lock fd while it lives.
         sweep()
     finally:
-        _prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
+        prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
         for fd, _ in tracked.values():
             os.close(fd)
 
     assert len(set(run_ids)) == ROUNDS
     left_dirs = [d for run_id in run_ids for d in _run_dirs(run_id)]
     assert left_dirs == [], "cgroups left after the sweep"
-    left_procs = sorted(pid for pid, (_, start) in tracked.items() if _start_time(pid) == start)
+    left_procs = sorted(pid for pid, (_, start) in tracked.items() if start_time(pid) == start)
     assert left_procs == [], "processes of the killed runs still in /proc"
     lock_dir = _run_lock_dir()
     left_tmp = [os.path.join(d, e) for d in dict.fromkeys(("/tmp", "/run/pytest-incarnate", lock_dir)) if os.path.isdir(d)

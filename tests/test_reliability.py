@@ -23,7 +23,6 @@ process is a child subreaper, so whatever the inner run orphaned comes back into
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _procs import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, prctl
 
 from pytest_incarnate import Sandbox, Spec
 from pytest_incarnate.cgroups import RUN_PREFIX, Hierarchy, _run_lock_dir
@@ -49,7 +49,6 @@ from pytest_incarnate.sandbox import _PENDING_MAX
 pytest_plugins = ["pytester"]
 
 ROOT = os.geteuid() == 0
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 
 SOAK_SHORT, SOAK_FULL = 1_000, 10_000
 THREADED_SHORT, THREADED_FULL = 500, 2_000
@@ -271,18 +270,6 @@ def leaks(before: Snapshot, after: Snapshot, inner: set[int], others: dict[str, 
     return out
 
 
-def _prctl(option: int, arg: int = 0) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if option == PR_GET_CHILD_SUBREAPER:
-        val = ctypes.c_int(0)
-        if libc.prctl(option, ctypes.byref(val), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
-        return val.value
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl")
-    return 0
-
-
 def _adopted_cleanup(before: set[int]) -> None:
     """Reap (or end, then reap) what this process adopted as a subreaper during a run: the
     test has already failed on them; nothing may be left behind by the test either."""
@@ -424,8 +411,8 @@ def _soak(pytester: pytest.Pytester, n: int, workers: int) -> None:
     pytester.makepyfile(test_soak=SOAK_TESTS.format(n=n, every=every, port=port))
     args = ["-p", "no:cacheprovider", "-q", "--incarnate"] + (["-n", str(workers)] if workers else [])
 
-    was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)   # what the run orphans comes back below this process
+    was_subreaper = prctl(PR_GET_CHILD_SUBREAPER)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)   # what the run orphans comes back below this process
     before = Snapshot.take()
     try:
         t0 = time.monotonic()
@@ -433,7 +420,7 @@ def _soak(pytester: pytest.Pytester, n: int, workers: int) -> None:
         elapsed = time.monotonic() - t0
         after = Snapshot.take()
     finally:
-        _prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
+        prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
         _adopted_cleanup(before.mine)
         host_listener.close()
 
@@ -609,14 +596,14 @@ def _orphans(n: int) -> dict[str, Any]:
 def test_init_reaps_a_thousand_orphans(leak_check) -> None:
     if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (6, 9):
         pytest.skip("a pidfd reports reaping (POLLHUP) from Linux 6.9")
-    was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    was_subreaper = prctl(PR_GET_CHILD_SUBREAPER)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     before = Snapshot.take()
     try:
         out = Sandbox(Spec(timeout=120)).call(_orphans, ORPHANS)
         after = Snapshot.take()
     finally:
-        _prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
+        prctl(PR_SET_CHILD_SUBREAPER, was_subreaper)
         _adopted_cleanup(before.mine)
     assert out["grandchildren"] == ORPHANS
     assert out["parents"] == [1], "the grandchildren were not reparented to the sandbox's init"
