@@ -3,7 +3,7 @@ controller is hugetlb, so limits are tested on v1; on v2, grouping, CLONE_INTO_C
 cgroup.kill, and the delegation path (the move into a leaf, subtree_control down to the run)
 with hugetlb. What this machine cannot exercise: writing v2 limits (memory.max, memory.swap.max,
 pids.max, cpu.max, cpuset.cpus) and reading their events (memory.events, pids.events) with a
-controller enabled."""
+controller enabled (the test at the end checks those files with the controllers injected)."""
 
 from __future__ import annotations
 
@@ -376,3 +376,44 @@ def test_plugin_names_the_pids_limit(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*BlockingIOError*", "*fork(s) refused by the pids limit (pids=16)*"])
+
+
+def test_v2_limit_files_and_events_injected(tmp_path):
+    """INJECTED, because this machine cannot produce it: a v2 cgroup with the memory, pids, cpu
+    and cpuset controllers enabled. Its v1 hierarchies are held by the machine's init (umount of
+    /sys/fs/cgroup/pids gives EBUSY, and a lazy one leaves the hierarchy bound), so no controller
+    can be moved to v2 here. The directory below has the interface files such a cgroup shows
+    (their names and formats from the kernel's cgroup-v2 documentation): what the limits write
+    into them and what the stats read back from their events is checked; the kernel enforcing
+    them is not."""
+    from pytest_incarnate.cgroups import Limits, SandboxCgroup, _apply_v2
+
+    d = tmp_path / "sb-0"
+    d.mkdir()
+    for name, text in {
+        # the files written start empty: the kernel's replace their value, a regular file is overwritten in place
+        "memory.max": "", "memory.swap.max": "", "pids.max": "", "cpu.max": "", "cpuset.cpus": "",
+        "memory.peak": f"{64 * 1048576}\n",
+        "memory.events": "low 0\nhigh 0\nmax 17\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "pids.events": "max 3\n",
+        "cpu.stat": "usage_usec 1500000\nuser_usec 1250000\nsystem_usec 250000\n",
+    }.items():
+        (d / name).write_text(text)
+    limits = Limits(memory=64 * 1048576, pids=16, cpu_quota=0.25, cpus="0")
+    _apply_v2(str(d), limits, limits.controllers())
+    assert (d / "memory.max").read_text() == str(64 * 1048576)
+    assert (d / "memory.swap.max").read_text() == "0"  # swap off, as on v1
+    assert (d / "pids.max").read_text() == "16"
+    assert (d / "cpu.max").read_text() == "25000 100000"
+    assert (d / "cpuset.cpus").read_text() == "0"
+
+    s = SandboxCgroup({}, str(d), limits).stats()
+    assert s.oom_killed and s.oom_kills == 1
+    assert s.describe_oom() == "OOM-killed: limit 64 MiB, peak 64.0 MiB"
+    assert s.pids_limit_hits == 3 and s.pids_limit == 16
+    assert (s.cpu_user, s.cpu_system) == (1.25, 0.25)
+
+    # a controller not delegated is not written to, even when the limit asks for it
+    (d / "pids.max").write_text("max\n")
+    _apply_v2(str(d), Limits(pids=8), ["memory"])
+    assert (d / "pids.max").read_text() == "max\n"
