@@ -225,6 +225,7 @@ def _replay(item: pytest.Item, extra: dict[str, Any]) -> None:
         rep = item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
         if rep is None:
             continue
+        _keep_subtest_kwargs(rep, data)
         if rep.failed and rep.nodeid == item.nodeid and rep.when == "call":
             _count_failed_subtest(item)
         # As the subtests do: the terminal's progress letter is not the test's output.
@@ -243,6 +244,19 @@ def _replay(item: pytest.Item, extra: dict[str, Any]) -> None:
             warnings.warn(f"incarnate: the coverage data of a sandboxed test could not be merged: {e!r}", stacklevel=1)
 
 
+def _keep_subtest_kwargs(rep: Any, data: dict[str, Any]) -> None:
+    """pytest 9.2's subtest context turns its keyword values into their repr when it is made,
+    and again when it is read back from its serialized form: ``i=0`` would be shown as
+    ``i='0'``.  The values as the child had them (reprs already) are put back."""
+    context = getattr(rep, "context", None)
+    shipped = data.get("_subtest.context")
+    if context is not None and isinstance(shipped, dict) and isinstance(shipped.get("kwargs"), dict):
+        try:
+            object.__setattr__(context, "kwargs", dict(shipped["kwargs"]))
+        except (AttributeError, TypeError):
+            pass
+
+
 def _count_failed_subtest(item: pytest.Item) -> None:
     """pytest's subtests count a test's failed subtests in the config's stash (the parent
     turns a passing test with failed subtests into a failure); no public hook does this."""
@@ -252,7 +266,9 @@ def _count_failed_subtest(item: pytest.Item) -> None:
         return
     counts = item.config.stash.get(failed_subtests_key, None)
     if counts is not None:
-        counts[item.nodeid] += 1
+        # Keyed by the nodeid string up to pytest 9.1, by the structured NodeId (``.id``,
+        # a property of nodes) since 9.2.
+        counts[item.id if isinstance(getattr(type(item), "id", None), property) else item.nodeid] += 1
 
 
 def decide(item: pytest.Item, degradations: tuple[Degradation, ...]) -> str:
