@@ -81,13 +81,14 @@ def sanitized() -> Iterator[dict[str, object]]:
 
 
 def test_the_switch_builds_with_both_sanitizers(sanitized: dict[str, object]) -> None:
-    build = str(sanitized["build"])
-    compile_lines = [line for line in build.splitlines() if " -c " in line and "incarnate.c" in line]
-    assert compile_lines and all("-fsanitize=address,undefined" in line for line in compile_lines), build[-3000:]
-    link_lines = [line for line in build.splitlines() if " -shared " in line]
-    assert link_lines and all("-fsanitize=address,undefined" in line for line in link_lines), build[-3000:]
+    # What the library holds, not what the build printed (newer setuptools do not echo the
+    # compiler's command lines): linked against both runtimes, and instrumented by both.
     needed = subprocess.run(["ldd", str(sanitized["lib"])], capture_output=True, text=True).stdout
     assert "libasan.so" in needed and "libubsan.so" in needed, needed
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", str(sanitized["lib"])],
+                             capture_output=True, text=True, check=True).stdout
+    assert "__asan_report_" in symbols, symbols[-2000:]      # loads and stores are checked
+    assert "__ubsan_handle_" in symbols, symbols[-2000:]     # undefined behaviour is checked
     symbols = subprocess.run(["nm", "-D", "--undefined-only", str(sanitized["lib"])], capture_output=True, text=True).stdout
     assert "__asan_report_" in symbols and "__ubsan_handle_" in symbols  # instrumented code calls them
 
