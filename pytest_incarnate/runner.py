@@ -268,7 +268,8 @@ def _count_failed_subtest(item: pytest.Item) -> None:
     if counts is not None:
         # Keyed by the nodeid string up to pytest 9.1, by the structured NodeId (``.id``,
         # a property of nodes) since 9.2.
-        counts[item.id if isinstance(getattr(type(item), "id", None), property) else item.nodeid] += 1
+        key = item.id if isinstance(getattr(type(item), "id", None), property) else item.nodeid  # type: ignore[attr-defined,unused-ignore]
+        counts[key] += 1
 
 
 def decide(item: pytest.Item, degradations: tuple[Degradation, ...]) -> str:

@@ -6,7 +6,6 @@ are recorded) -> ordered child operations -> native core -> Result.
 
 from __future__ import annotations
 
-import _signal as _c_signal
 import atexit
 import contextlib
 import dataclasses
@@ -1028,16 +1027,20 @@ atexit.register(reap_pending)
 
 
 _ALL_SIGNALS = frozenset(int(s) for s in _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
-# The C function under signal.pthread_sigmask: the wrapper turns each signal of the returned
-# mask into a Signals member, 30 times the cost of the call (65 µs of each sandboxed test).
-_sigmask = getattr(_c_signal, "pthread_sigmask", _signal.pthread_sigmask)
+# The C function under signal.pthread_sigmask (CPython's _signal): the wrapper turns each
+# signal of the returned mask into a Signals member, 30 times the cost of the call (65 µs of
+# each sandboxed test).
+try:
+    from _signal import pthread_sigmask as _sigmask  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - an interpreter without CPython's _signal
+    _sigmask = _signal.pthread_sigmask
 
 
 def _hold_signals() -> set[int] | None:
     """Block every signal; the mask before, or None if the kernel refused (then nothing is
     held: the call goes on without that protection)."""
     try:
-        return set(_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS))
+        return _sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)  # type: ignore[no-any-return,unused-ignore]
     except OSError:
         return None
 
