@@ -237,7 +237,13 @@ class Config:
                 *(extra or []), self.testfile]
 
 
-def make_configs(main: Python, venv: Python) -> list[Config]:
+def make_configs(main: Python, venv: Python, specs: list[tuple[str, list[str]]] | None = None) -> list[Config]:
+    """The lines; ``specs`` adds a pytest 8 ``--incarnate`` line for each (label, [KEY=VALUE...]),
+    run with those ``--incarnate-spec`` values (not checked for the full default isolation)."""
+    extra = [Config(f"spec{i}8", f"--incarnate {label}", venv,
+                    ["--incarnate", *[a for kv in kvs for a in ("--incarnate-spec", kv)]],
+                    "test_trivial.py", "plain8", others=("pytest_forked",))
+             for i, (label, kvs) in enumerate(specs or [])]
     return [
         Config("plain9", "plain", main, [], "test_trivial.py", ""),
         Config("incarnate9", "--incarnate", main, ["--incarnate"], "test_trivial.py", "plain9", incarnate=True,
@@ -247,6 +253,7 @@ def make_configs(main: Python, venv: Python) -> list[Config]:
         Config("forked8", "--forked", venv, ["--forked"], "test_trivial.py", "plain8", others=("incarnate",)),
         Config("incarnate8", "--incarnate", venv, ["--incarnate"], "test_trivial.py", "plain8", incarnate=True,
                others=("pytest_forked",)),
+        *extra,
     ]
 
 
@@ -469,7 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=VENV, help=f"the pytest 8 venv (default {VENV})")
     ap.add_argument("--fresh-venv", action="store_true", help="rebuild the pytest 8 venv even if it fits")
     ap.add_argument("--no-venv", action="store_true", help="leave out the pytest 8 lines (--forked among them)")
+    ap.add_argument("--spec", action="append", default=[], metavar="LABEL:KEY=VALUE[;KEY=VALUE...]",
+                    help="one more pytest 8 --incarnate line, with these --incarnate-spec values "
+                         "(e.g. 'no net:namespaces=user,mount,pid,uts,ipc,cgroup'); may be repeated")
     args = ap.parse_args(argv)
+    specs = []
+    for arg in args.spec:
+        label, sep, kvs = arg.partition(":")
+        if not sep or not label or not all("=" in kv for kv in kvs.split(";")):
+            ap.error(f"--spec {arg!r}: expected LABEL:KEY=VALUE[;KEY=VALUE...]")
+        specs.append((label, kvs.split(";")))
     n = args.tests if args.tests is not None else (20 if args.quick else 300)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     if n < 1 or rounds < 1 or args.warmup < 0:
@@ -498,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         except Timeout:
             venv_py.skipped = f"another run held {lock.lock_file} (building the venv) for {lock.timeout:.0f} s"
         venv_py.skipped = venv_py.skipped or inspect_python(venv_py)
-    configs = make_configs(main_py, venv_py)
+    configs = make_configs(main_py, venv_py, specs)
     for cfg in configs:
         if cfg.py.skipped:
             cfg.skipped = cfg.py.skipped
