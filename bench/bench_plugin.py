@@ -461,6 +461,25 @@ def _version(argv: list[str]) -> str | None:
 
 # ------------------------------------------------------------------ main
 
+PROJECT_DIR = "/var/tmp"
+PROJECT_PREFIX = "bench-plugin-"
+
+
+def _remove_dead_projects() -> None:
+    """The projects of runs that were killed (a timeout's SIGKILL leaves no time to clean
+    up): each is named after its run's pid; those whose process is gone are removed."""
+    for entry in os.listdir(PROJECT_DIR):
+        m = re.fullmatch(re.escape(PROJECT_PREFIX) + r"(\d+)-\w+", entry)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(PROJECT_DIR, entry), ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--tests", type=int, default=None, help="trivial tests in the project (default 300; --quick: 20)")
@@ -521,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("bwrap") is None:
         configs[2].skipped = "bwrap not found on PATH (apt-get install -y bubblewrap)"
 
-    project = Path(tempfile.mkdtemp(prefix="bench-plugin-", dir="/var/tmp"))
+    _remove_dead_projects()
+    project = Path(tempfile.mkdtemp(prefix=f"{PROJECT_PREFIX}{os.getpid()}-", dir=PROJECT_DIR))
     started = time.time()
     load_before = os.getloadavg()
     try:

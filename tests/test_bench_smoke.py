@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_core.py"
@@ -39,10 +42,21 @@ def _summary_counts(line: str) -> dict[str, int]:
 
 
 def test_bench_plugin_quick_runs_every_configuration() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(PLUGIN_BENCH), "--quick", "--json"],
-        capture_output=True, text=True, check=False, timeout=180,
-    )
+    # A project left by a killed run (its pid gone) is removed by the next run; a live run's stays.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = Path(tempfile.mkdtemp(prefix=f"bench-plugin-{dead.pid}-", dir="/var/tmp"))
+    (stale / "test_trivial.py").write_text("def test_0000():\n    pass\n")
+    live = Path(tempfile.mkdtemp(prefix=f"bench-plugin-{os.getpid()}-", dir="/var/tmp"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(PLUGIN_BENCH), "--quick", "--json"],
+            capture_output=True, text=True, check=False, timeout=180,
+        )
+        assert not stale.exists() and live.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     doc = json.loads(proc.stdout)   # --json without a path: the JSON alone on stdout
     env, results = doc["env"], doc["results"]
