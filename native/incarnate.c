@@ -639,7 +639,8 @@ static void child_init_loop_raw(const struct inc_child *cx, pid_t payload)
         if (sig < 0)
             continue;   /* -EINTR */
         if (sig != SIGCHLD) {
-            raw_sys(SYS_kill, payload, sig, 0, 0);
+            if (payload > 0)
+                raw_sys(SYS_kill, payload, sig, 0, 0);
             continue;
         }
         for (;;) {
@@ -676,7 +677,8 @@ static void child_init_loop(const struct inc_child *cx, pid_t payload)
         if (sig < 0)
             continue;   /* EINTR */
         if (sig != SIGCHLD) {
-            kill(payload, sig);
+            if (payload > 0)   /* a holding init (payload -1) has nobody to forward to */
+                kill(payload, sig);
             continue;
         }
         for (;;) {
@@ -863,6 +865,20 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
         if (syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, cx->shared_vm ? NULL : &cx->oldmask, KSIGSET_SIZE) < 0)
             child_fail(cx, INC_STEP_SIGMASK, errno, -1);
         pid_t pid;
+        if (spec->hold_init) {
+            /* Holding: no payload of its own; it reaps what joins the sandbox (inc_join)
+             * until it is killed.  Closing err_w tells the parent that the setup is done.
+             * Sharing the caller's memory, it makes that memory non-dumpable first, as
+             * before the payload's fork below: what joins must not reach the caller's
+             * memory through the init (/proc/1/mem, ptrace). */
+            if (cx->shared_vm) {
+                cx->dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+                if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+                    child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
+            }
+            child_close_all_but(cx->status_w, cx->hold_fd, cx->shared_vm);
+            child_init_loop(cx, -1);
+        }
         if (!enter && spec->argv != NULL) {
             /* Spawn mode: the payload shares the init's memory until it execs (vfork
              * semantics, on a stack of its own), so the init does not copy the caller's
@@ -1611,6 +1627,148 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
     res->op_index = -1;
     return -1;
 #endif
+}
+
+/* A held sandbox, for a caller that may have other threads: the init is started as by
+ * inc_enter_direct (CLONE_VM, its own stack, registered until inc_direct_reap), runs the
+ * ops, then holds the sandbox instead of forking a payload (spec->hold_init), and the
+ * caller forks its own copy into it (inc_setns, fork, inc_join in the child).  The init
+ * copies nothing and runs only system calls that take no lock of the caller's, so the
+ * caller's other threads are no hazard: its fork is the C library's, which handles them.
+ * 0 (res->pid: the init), -1 with res naming the step. */
+int inc_hold_direct(const struct inc_spec *spec, struct inc_result *res, void *mem)
+{
+#if INC_RAW_SYSCALLS
+    if (!spec->hold_init || !(spec->ns_flags & INC_NS_PID) || !spec->use_init) {
+        res->step = INC_STEP_CLONE;   /* the init would fork a payload that lands nowhere */
+        res->err = EINVAL;
+        res->op_index = -1;
+        return -1;
+    }
+    struct vm_ctx *vm = direct_ctx(mem);
+    memset(vm, 0, sizeof *vm);
+    vm->spec = spec;
+    vm->res = res;
+    vm->cx.dumpable = -1;
+    vm->stack_top = (char *)((uintptr_t)vm & ~(uintptr_t)15);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
+    int r = start(spec, res, 1, vm);
+    if (r == 0) {
+        if (direct_n == 0)
+            direct_saved_dumpable = vm->cx.dumpable;
+        direct_live[direct_n].pid = res->pid;
+        direct_live[direct_n].status_fd = res->status_fd;
+        direct_live[direct_n].mem = mem;
+        direct_n++;
+        close_if(&res->pidfd);
+        close_if(&res->hold_fd);   /* the joining copy takes its own (inc_join) */
+        res->status_fd = -1;
+    } else if (direct_n == 0 && vm->cx.dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0) {
+        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    }
+    sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
+    return r < 0 ? -1 : 0;
+#else
+    (void)spec;
+    (void)mem;
+    res->step = INC_STEP_CLONE;
+    res->err = ENOSYS;
+    res->op_index = -1;
+    return -1;
+#endif
+}
+
+/* -------------------------------------------------------------------- join ---- */
+
+int inc_setns(int fd, int ns_flags)
+{
+    return (int)syscall(SYS_setns, fd, ns_flags);
+}
+
+/* The ops that set attributes of the process itself, which a process joining a held
+ * sandbox does not inherit from its init: it applies them again.  The others (mounts,
+ * the hostname, the loopback, namespaces) belong to the namespaces it joins. */
+static int op_is_process_attr(int kind)
+{
+    switch (kind) {
+    case INC_OP_RLIMIT:
+    case INC_OP_AFFINITY:
+    case INC_OP_CHDIR:
+    case INC_OP_UMASK:
+    case INC_OP_NO_NEW_PRIVS:
+    case INC_OP_SETSID:
+    case INC_OP_DROP_PRIVS:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+int inc_join(const struct inc_spec *spec, int pidfd, int ns_flags, struct inc_result *res)
+{
+    res->step = 0;
+    res->err = 0;
+    res->op_index = -1;
+    /* The upper layers' fd first, while this process is still outside: pidfd_getfd needs
+     * ptrace access to the init from here. */
+    for (int i = 0; i < spec->n_ops; i++) {
+        const struct inc_op *op = &spec->ops[i];
+        if (op->kind != INC_OP_HOLD)
+            continue;
+        int fd = inc_pidfd_getfd(pidfd, op->ival);
+        if (fd < 0 || (fd != op->ival && dup3(fd, op->ival, O_CLOEXEC) < 0)) {
+            res->step = INC_STEP_OP;
+            res->err = errno;
+            res->op_index = i;
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        if (fd != op->ival)
+            close(fd);
+    }
+    if (syscall(SYS_setns, pidfd, ns_flags) < 0) {
+        res->step = INC_STEP_JOIN;
+        res->err = errno;
+        return -1;
+    }
+    struct inc_child cx;
+    memset(&cx, 0, sizeof cx);
+    cx.sync_r = cx.err_w = cx.status_w = cx.hold_fd = -1;
+    for (int i = 0; i < spec->n_ops; i++) {
+        const struct inc_op *op = &spec->ops[i];
+        if (!op_is_process_attr(op->kind))
+            continue;
+        if (child_op(&cx, op, i) < 0 && !(errno == ENOENT && (op->flags & INC_OP_OPTIONAL))) {
+            res->step = INC_STEP_OP;
+            res->err = errno;
+            res->op_index = i;
+            return -1;
+        }
+    }
+    if (spec->die_with_parent && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) {
+        res->step = INC_STEP_PDEATHSIG;
+        res->err = errno;
+        return -1;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGCHLD, &dfl, NULL);
+    if (spec->setsid_payload && setsid() < 0) {
+        res->step = INC_STEP_SETSID;
+        res->err = errno;
+        return -1;
+    }
+    /* A copy of a caller whose memory a held init made non-dumpable: the copy is nobody
+     * else's, so it gets the flag the caller had before (as the payload of direct enter). */
+    if (direct_saved_dumpable == 1)
+        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    direct_n = 0;
+    direct_saved_dumpable = -1;
+    return 0;
 }
 
 int inc_direct_live(void)

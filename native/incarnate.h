@@ -103,6 +103,7 @@ enum inc_step {
     INC_STEP_RECORD,       /* the child could not write a record (its request for id maps, the
                               held fd's readiness, a skipped op) to the parent: op_index = the op */
     INC_STEP_SKIPPED,      /* not an error: an optional op was skipped (op_index) */
+    INC_STEP_JOIN,         /* inc_join: setns into a held sandbox's namespaces failed */
     INC_STEP__MAX
 };
 
@@ -146,6 +147,10 @@ struct inc_spec {
      * killed.  0 (the default): off. */
     int test_stage;
     int test_stage_fd;
+    /* With an init: the init runs the ops, then holds the sandbox (no payload; it reaps
+     * whatever joins it) until it is killed (inc_hold_direct).  Processes join it with
+     * inc_join. */
+    int hold_init;
 };
 
 #define INC_TEST_STAGE_AFTER_CLONE 1
@@ -202,6 +207,19 @@ int inc_direct_owns(const void *mem);
 
 /* Decode a status record read from status_fd: the payload's raw wait status. */
 int inc_status_size(void);
+/* Join a sandbox held by an init (hold_init): in a child forked by the caller after the
+ * caller set its pid namespace for children to the init's (inc_setns), take the upper
+ * layers' fd the init holds (INC_OP_HOLD), enter the init's other namespaces (ns_flags,
+ * one setns), then apply the ops of spec that set process attributes (rlimits, CPU
+ * affinity, working directory, umask, no_new_privs, setsid, dropped privileges), the
+ * parent-death signal and, with setsid_payload, a session of its own.  0, or -1 with res
+ * naming the step (INC_STEP_JOIN, INC_STEP_OP with op_index) and errno. */
+int inc_join(const struct inc_spec *spec, int pidfd, int ns_flags, struct inc_result *res);
+/* setns(2): 0, or -1 with errno. */
+int inc_setns(int fd, int ns_flags);
+/* Start an init that holds a sandbox (spec->hold_init) from the caller itself, as
+ * inc_enter_direct does, but whatever the caller's threads: see incarnate.c. */
+int inc_hold_direct(const struct inc_spec *spec, struct inc_result *res, void *mem);
 
 /* The mount id (statx STATX_MNT_ID, the first field of /proc/self/mountinfo) of what `path`
  * resolves to, its last component not followed and no automount triggered, and its file

@@ -112,6 +112,7 @@ STEP_NAMES = {
     lib.INC_STEP_WAIT: "wait",
     lib.INC_STEP_SETSID: "setsid",
     lib.INC_STEP_GO: "go-byte",
+    lib.INC_STEP_JOIN: "join",
 }
 _RECORDS = {
     lib.INC_OP_UNSHARE: "its request for its id maps",
@@ -169,6 +170,7 @@ class Native:
     cgroup_dirfd: int = -1  # cgroup v2 directory for CLONE_INTO_CGROUP
     cgroup_procs: Sequence[tuple[int, str]] = ()  # v1: (open cgroup.procs fd, its path)
     cgroup_v2_procs: tuple[int, str] = (-1, "")   # v2 cgroup.procs, if CLONE_INTO_CGROUP fails
+    hold_init: bool = False  # the init holds the sandbox for a copy of the caller to join (hold_direct)
     _keep: list[Any] = field(default_factory=list)
 
     def _cstr(self, s: str | None) -> Any:
@@ -238,6 +240,7 @@ class Native:
         spec.cgroup_procs_fds = procs
         spec.n_cgroup_procs_fds = len(self.cgroup_procs)
         spec.cgroup_v2_procs_fd = self.cgroup_v2_procs[0]
+        spec.hold_init = int(self.hold_init)
         return spec
 
 
@@ -498,6 +501,56 @@ def enter_direct(native: Native, spec: Any) -> DirectStarted | None | Literal[Fa
     if rc == 2:
         return False
     raise error_for(native, res)
+
+
+def hold_direct(native: Native, spec: Any) -> DirectStarted | Literal[False]:
+    """Start an init that builds the sandbox and holds it (``native.hold_init``), from this
+    process, whatever its threads (``inc_hold_direct``); it is the core's until
+    ``direct_reap``.  False when 64 inits are live.  Raises the typed error if the setup
+    failed, with nothing left behind."""
+    mem = lib.inc_direct_new()
+    if mem == ffi.NULL:
+        if ffi.errno == errno.EAGAIN:
+            return False
+        raise CloneFailed(ffi.errno or errno.ENOMEM, tuple(native.ns))
+    res = ffi.new("struct inc_result *")
+    stage_fd = -1
+    try:
+        stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1
+        rc = lib.inc_hold_direct(spec, res, mem)
+    except BaseException:
+        if lib.inc_direct_owns(mem):
+            try:
+                os.kill(res.pid, 9)
+            except ProcessLookupError:
+                pass
+        else:
+            lib.inc_direct_free(mem)
+        raise
+    finally:
+        if stage_fd >= 0:
+            os.close(stage_fd)
+    if rc == 0:
+        return DirectStarted(res.pid)
+    lib.inc_direct_free(mem)
+    raise error_for(native, res)
+
+
+def join(native: Native, spec: Any, pidfd: int, ns_flags: int) -> None:
+    """In this process's copy forked into a held sandbox's pid namespace: join the init's
+    other namespaces and apply the Spec's process attributes (``inc_join``).  Raises the
+    typed error (step "join", or the op) if that fails."""
+    res = ffi.new("struct inc_result *")
+    if lib.inc_join(spec, pidfd, ns_flags, res) != 0:
+        raise error_for(native, res)
+    if _TEST_STAGE is not None:
+        _test_stage("after-mounts")
+
+
+def setns(fd: int, ns_flags: int) -> None:
+    if lib.inc_setns(fd, ns_flags) != 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err))
 
 
 def direct_reap(pid: int = -1, nohang: bool = False) -> tuple[int, int, float]:

@@ -993,6 +993,11 @@ ENTER_VM = os.environ.get("INCARNATE_ENTER_VM", "1") != "0"
 # forks a monitor first, as before (also the path from threaded callers; for comparison).
 DIRECT = os.environ.get("INCARNATE_DIRECT", "1") != "0"
 
+# A caller with other threads (an xdist worker) starts an init that holds the sandbox and
+# forks its one copy into it (see _join_ok), instead of forking a monitor that starts the
+# init, which forks the payload (two copies).  INCARNATE_JOIN=0: the monitor, as before.
+JOIN = os.environ.get("INCARNATE_JOIN", "1") != "0"
+
 # Finished sandboxed calls whose processes are on their way out, reaped at the next
 # sandbox or at exit: monitor pids, or inits started directly.
 # Finished sandboxed calls whose processes are on their way out, reaped at the next
@@ -1070,6 +1075,109 @@ def _direct_ok(native: Native) -> bool:
             and _single_threaded() and _ffi.direct_available())
 
 
+def _join_ok(native: Native) -> bool:
+    """For a caller with other threads (an xdist worker): the core can start an init that
+    holds the sandbox from this process itself (CLONE_VM, nothing copied), and this process
+    can fork its one copy straight into the init's pid namespace (setns needs CAP_SYS_ADMIN)
+    and join the rest there.  The sandbox's cgroups hold only the init: calls with limits
+    fork a monitor instead."""
+    return (JOIN and native.enter_vm and "pid" in native.ns and native.use_init
+            and native.cgroup_dirfd < 0 and not native.cgroup_procs
+            and threading.current_thread() is threading.main_thread()
+            and os.geteuid() == 0 and _ffi.direct_available())
+
+
+def _join_flags(native: Native) -> int:
+    """The namespaces a joining copy enters with one setns: all of the init's but its pid
+    namespace (the caller set that one for its children before the fork), including those
+    the init entered after the host's mounts (unshare ops)."""
+    flags = 0
+    for name in native.ns:
+        flags |= int(_ffi.NS_FLAGS[name])
+    for op in native.ops:
+        if op.kind == "unshare":
+            flags |= op.ival
+    return flags & ~int(_ffi.NS_FLAGS["pid"])
+
+
+def _fork_into(init_pid: int) -> tuple[int, int]:
+    """Fork this process into the pid namespace of the held sandbox whose init is
+    ``init_pid``: (the child's pid, 0 in the child; a pidfd of the init, which the child
+    joins through).  Only the calling thread's namespace for children changes, and only
+    around the fork."""
+    me = os.getpid()
+    with setup_step("join", detail="opening a pidfd of the sandbox's init"):
+        pidfd = os.pidfd_open(init_pid)
+    try:
+        with setup_step("join", detail="entering the sandbox's pid namespace for the fork"):
+            _ffi.setns(pidfd, _ffi.NS_FLAGS["pid"])
+        try:
+            with setup_step("fork", detail="forking the process that joins the sandbox"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+                    pid = os.fork()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _own_pidns()
+            raise
+        if pid != 0:
+            try:
+                with setup_step("join", detail="returning to this thread's own pid namespace for its children"):
+                    _own_pidns()
+            except BaseException:
+                os.kill(pid, _signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+        return pid, pidfd
+    except BaseException:
+        if os.getpid() != me:  # pragma: no cover - the copy never runs the caller's code
+            os._exit(70)
+        os.close(pidfd)
+        raise
+
+
+def _own_pidns() -> None:
+    """The calling thread's children are born in its own pid namespace again (its active
+    one, which setns always accepts unless memory is short)."""
+    fd = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _ffi.setns(fd, _ffi.NS_FLAGS["pid"])
+    finally:
+        os.close(fd)
+
+
+def _end_held(held: _ffi.DirectStarted, reap: bool = True) -> None:
+    """End a held sandbox: its init is killed (and what is left in its pid namespace with it),
+    then reaped now, or (``reap`` false) at the next call (the core's registry)."""
+    try:
+        os.kill(held.pid, _signal.SIGKILL)
+    except ProcessLookupError:  # pragma: no cover - it is this process's child until reaped
+        pass
+    if reap:
+        _ffi.direct_reap(held.pid)
+    else:
+        _ffi.direct_drop_status(held.pid)
+
+
+def _kill_joined(pid: int, init_pid: int) -> tuple[int, list[int]]:
+    """Kill a joined call's sandbox: the copy that joined it (this process's child), what it
+    started, and the init with everything else in its pid namespace.  (How many processes
+    there were, not counting the init; a pidfd of each, for ``_await_killed``.)"""
+    inside = [pid, *_descendants(pid), *[q for q in _descendants(init_pid) if q != pid]]
+    pidfds = []
+    for q in inside:
+        try:
+            pidfds.append(os.pidfd_open(q))
+        except OSError:
+            pass
+    for q in (init_pid, *inside):
+        try:
+            os.kill(q, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(inside), pidfds
+
+
 def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = None,
                  cgroup: tuple[cgroups.SandboxCgroup | None, tuple[Degradation, ...]] | None = None,
                  reap_later: bool = False) -> CallOutcome:
@@ -1111,7 +1219,7 @@ def _payload_main(sandbox: Sandbox, native: Native, body: Callable[[], Any], w: 
         os._exit(code)
 
 
-_NATIVE_CACHE: dict[Any, tuple[Native, Any, bool]] = {}
+_NATIVE_CACHE: dict[Any, tuple[Native, Any, str]] = {}
 _NATIVE_GEN = [-1]  # the mount table's generation the cache was built at
 
 
@@ -1124,11 +1232,12 @@ def call_cache(on: bool) -> None:
         _NATIVE_CACHE.clear()
 
 
-def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None) -> tuple[Native, Any, bool]:
+def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None) -> tuple[Native, Any, str]:
     """The core's spec for a sandboxed call, built once per spec and plan while nothing it
     depends on changes (the working directory, the mount table, the fd limit): the
     plugin's per-test path builds the same one for every test.  Specs naming host paths
-    (binds, overlays, a root of their own) are built each time: a path may change."""
+    (binds, overlays, a root of their own) are built each time: a path may change.
+    (native, its C spec, how the call enters: "direct", "join" or "monitor".)"""
     spec = sandbox.spec
     key: Any = None
     cacheable = not spec.binds and not spec.overlays and not spec.custom_root and _ffi._TEST_STAGE is None
@@ -1155,10 +1264,10 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
             return hit
     native = sandbox._native(p, cg, expect_ppid=os.getpid(), close_fds=False, setsid_payload=True,
                              enter_vm=ENTER_VM)
-    direct = _direct_ok(native)
-    if direct:
-        native = dataclasses.replace(native, expect_ppid=0)
-    built = (native, native.build(), direct)  # allocated in the parent, before the fork
+    mode = "direct" if _direct_ok(native) else "join" if _join_ok(native) else "monitor"
+    if mode != "monitor":
+        native = dataclasses.replace(native, expect_ppid=0, hold_init=mode == "join")
+    built = (native, native.build(), mode)  # allocated in the parent, before the fork
     if key is not None:
         if len(_NATIVE_CACHE) >= 8:
             _NATIVE_CACHE.pop(next(iter(_NATIVE_CACHE)))
@@ -1168,7 +1277,8 @@ def _native_for_call(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None
 
 def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, body: Callable[[], Any],
                 reap_later: bool = False) -> CallOutcome:
-    native, cspec, direct = _native_for_call(sandbox, p, cg)
+    native, cspec, mode = _native_for_call(sandbox, p, cg)
+    direct = mode == "direct"
     # No signal handler (KeyboardInterrupt, a timeout plugin's) runs from the result pipe's
     # creation until the sandbox is known here and the try/finally below that ends it has
     # begun: every signal waits meanwhile (the payload and a monitor get the mask back).
@@ -1189,7 +1299,36 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         unblock()
         raise
     init: _ffi.DirectStarted | None = None
+    held: _ffi.DirectStarted | None = None  # "join": the init holding the sandbox the child joined
     try:
+        if mode == "join":
+            started = _ffi.hold_direct(native, cspec)
+            if started is False:  # too many inits live: fork a monitor
+                native = dataclasses.replace(native, expect_ppid=os.getpid(), hold_init=False)
+                cspec = native.build()
+            else:
+                held = started
+                try:
+                    pid, pidfd = _fork_into(held.pid)
+                except BaseException:
+                    _end_held(held)
+                    raise
+                if pid == 0:  # pragma: no cover - runs in the child
+                    try:
+                        os.close(r)
+                        unblock()
+                        cgroups.Run.forget_in_child()
+                        _ffi.join(native, cspec, pidfd, _join_flags(native))
+                        os.close(pidfd)
+                    except IncarnateError as e:
+                        try:
+                            _write_all(w, pickle.dumps(("setup", e)))
+                        finally:
+                            os._exit(0)
+                    except BaseException:
+                        os._exit(70)
+                    _payload_main(sandbox, native, body, w)
+                os.close(pidfd)
         if direct:
             got = _ffi.enter_direct(native, cspec)
             if got is None:  # pragma: no cover - runs in the payload
@@ -1205,7 +1344,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             else:
                 init = got
                 pid = init.pid
-        if not direct:
+        if not direct and held is None:
             with setup_step("fork", detail="forking the process that enters the sandbox"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
@@ -1232,8 +1371,16 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         os.close(r)
         if w >= 0:
             os.close(w)
+        if held is not None:
+            _end_held(held)
         unblock()
         raise
+
+    def kill_all() -> tuple[int, list[int]]:
+        if held is not None:
+            return _kill_joined(pid, held.pid)
+        return _kill_tree(pid, cg, monitor_above_init=not direct)
+
     chunks = []
     limit = sandbox.spec.timeout
     deadline = None if limit is None else time.monotonic() + limit
@@ -1250,7 +1397,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                     with _sandbox_io("read-result", LOST_RESULT):
                         ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
                     if not ready:
-                        timed_out, killed = _kill_tree(pid, cg, monitor_above_init=not direct)
+                        timed_out, killed = kill_all()
                         break
                 try:
                     with _sandbox_io("read-result", LOST_RESULT):
@@ -1264,7 +1411,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             # An interrupt (KeyboardInterrupt), a failed read: the result is lost, so the
             # sandbox is ended now rather than waited for.
             if killed is None:
-                _, killed = _kill_tree(pid, cg, monitor_above_init=not direct)
+                _, killed = kill_all()
             raise
         data = b"".join(chunks)
         parsed = None
@@ -1286,6 +1433,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 _PENDING.append(pid)
             else:
                 _ffi.direct_drop_status(init.pid)
+            if held is not None:
+                _end_held(held, reap=False)
             reaped = True
     finally:
         os.close(r)
@@ -1296,6 +1445,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 else:
                     _, status, usage = os.wait4(pid, 0)
                     used = usage.ru_utime + usage.ru_stime
+                if held is not None:
+                    _end_held(held)
         finally:
             if killed is not None:
                 _await_killed(killed)

@@ -1,5 +1,6 @@
 """Direct enter: a single-threaded caller starts the sandbox's init itself (CLONE_VM), so that the
-payload is the only copy of its memory; a threaded caller, or INCARNATE_DIRECT=0, forks a monitor
+payload is the only copy of its memory; a threaded caller, or INCARNATE_DIRECT=0, starts an init
+that holds the sandbox and forks its copy into it (join); INCARNATE_JOIN=0 as well forks a monitor
 first.  Each test runs a driver script in a fresh interpreter (its thread count is known) and
 looks at its process tree from outside while the payload waits on a pipe."""
 
@@ -132,7 +133,28 @@ def test_a_single_threaded_caller_starts_the_init_itself() -> None:
 
 
 @pytest.mark.parametrize("mode,env", [("threaded", {}), ("single", {"INCARNATE_DIRECT": "0"})], ids=["threaded", "direct-off"])
-def test_a_threaded_caller_forks_a_monitor(mode: str, env: dict[str, str]) -> None:
+def test_a_threaded_caller_forks_once_into_a_held_sandbox(mode: str, env: dict[str, str]) -> None:
+    """A caller with another thread (an xdist worker), or direct enter turned off: the core
+    starts an init that holds the sandbox (CLONE_VM, from the caller), and the caller forks
+    its one copy into the init's pid namespace, where it joins the rest."""
+    report, children, grandchildren = _run(mode, env)
+    # Both are the caller's children, both in the sandbox's pid namespace, nothing below them:
+    # one copy of the caller (the payload), no monitor.
+    assert len(children) == 2, children
+    assert all(ns != report["driver_ns"] for ns in report["top_ns"].values()), report
+    assert len(set(report["top_ns"].values())) == 1, report
+    assert grandchildren == []
+    assert report["first"][0] == 2                   # the payload, pid 2 under the held init
+    assert report["first"][2] == "PermissionError"   # the init shares the caller's memory: out of reach
+    assert report["after"] == 1                      # the caller is dumpable again once the inits are reaped
+    assert report["first"][1] != report["second"]    # the interpreter's fork protocol ran (random reseeded)
+    assert report["live"] == 0
+
+
+@pytest.mark.parametrize("mode,env", [("threaded", {"INCARNATE_JOIN": "0"}),
+                                      ("single", {"INCARNATE_DIRECT": "0", "INCARNATE_JOIN": "0"})],
+                         ids=["threaded", "direct-off"])
+def test_without_join_a_threaded_caller_forks_a_monitor(mode: str, env: dict[str, str]) -> None:
     report, children, grandchildren = _run(mode, env)
     # The caller's child is the forked monitor, in the caller's pid namespace; the init below it.
     assert len(children) == 1, children

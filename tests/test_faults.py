@@ -137,9 +137,10 @@ try:
         out.update(outcome="ok", returncode=h.returncode, used_clone3=h.used_clone3,
                    changes=h.changes is not None, degradations=sorted(type(d).__name__ for d in h.degradations))
     else:
-        if mode == "call-forked":  # a monitor forked first, as from a threaded caller
+        if mode in ("call-forked", "call-joined"):  # as from a threaded caller
             import pytest_incarnate.sandbox as sandbox_module
             sandbox_module.DIRECT = False
+            sandbox_module.JOIN = mode == "call-joined"  # a held sandbox joined, or a monitor forked
         o = sb.call_outcome(os.getpid)
         out.update(outcome="ok" if o.kind == "ok" else "raised", value=repr(o.value), changes=o.changes is not None,
                    degradations=sorted(type(d).__name__ for d in o.plan.degradations))
@@ -319,7 +320,8 @@ INJECTED = "<injected>"  # in an expectation: the errno that was injected
 class Case:
     id: str
     mode: str                          # "run": Sandbox.spawn(["/bin/true"]); "call": Sandbox.call;
-                                       # "call-forked": Sandbox.call through a forked monitor
+                                       # "call-forked": Sandbox.call through a forked monitor;
+                                       # "call-joined": a held sandbox the caller's copy joins
     spec: dict[str, Any]
     faults: tuple[tuple[str, str | Nth], ...]  # (syscall, when), each refused with the case's errno
     expect: dict[str, Any]             # the fields of the driver's report to compare
@@ -459,7 +461,17 @@ CASES = [
     Case("call-clone-init", "call", COW, (("clone", "1"),), err("CloneFailed"),
          note="direct enter (a single-threaded caller): the first clone is the init's, from the caller"),
     Case("call-fork", "call-forked", COW, (("clone", "1"),), step("fork"),
-         note="a forked monitor (INCARNATE_DIRECT=0, or a threaded caller): os.fork"),
+         note="a forked monitor (INCARNATE_DIRECT=0 and INCARNATE_JOIN=0): os.fork"),
+    # -- Sandbox.call from a threaded caller: a held sandbox, the caller's copy forked into it
+    Case("call-joined-init", "call-joined", COW, (("clone", "1"),), err("CloneFailed"),
+         note="the held init's clone, from the caller"),
+    Case("call-joined-pidfd", "call-joined", COW, (("pidfd_open", "1"),), step("join")),
+    Case("call-joined-setns", "call-joined", COW, (("setns", "1"),), step("join"),
+         note="the caller's setns into the init's pid namespace (and the child's first setns, had it one)"),
+    Case("call-joined-fork", "call-joined", COW, (("clone", "2"),), step("fork"), follow=False,
+         note="the caller's fork into the held sandbox"),
+    Case("call-joined-restore", "call-joined", COW, (("setns", "2"),), step("join"), follow=False,
+         note="the caller's way back to its own pid namespace after the fork: the copy is killed and reaped"),
     Case("call-pipe2-result", "call", COW, (("pipe2", "1"),), step("result-pipe")),
     Case("call-mountinfo", "call", COW, (("openat", "1"),), step("host-mounts", "/proc/self/mountinfo")),
     Case("call-read-result", "call", COW, (("read", RESULT),), err("SandboxIOFailed", "read-result"), follow=False,
@@ -539,7 +551,7 @@ NOT_INJECTED = frozenset({
     "gettid", "getuid", "geteuid", "getgid", "getegid", "set_robust_list", "rseq", "set_tid_address", "brk", "mmap",
     "munmap", "mprotect", "arch_prctl", "futex", "clock_gettime", "madvise", "rt_sigreturn", "sysinfo",
 })
-FULL_SETUPS = [("run", RO), ("run", COW), ("run", LIMITED), ("call", COW), ("call-forked", COW)]
+FULL_SETUPS = [("run", RO), ("run", COW), ("run", LIMITED), ("call", COW), ("call-forked", COW), ("call-joined", COW)]
 
 
 def calibrate(mode: str, spec: dict[str, Any]) -> dict[str, int]:
