@@ -79,6 +79,7 @@ VENV = WORK / "pytest8-venv"
 BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
 DISTORTING = ("benchmark", "hypothesispytest", "pytest_cov")   # pytest11 entry point names
 PLUGINS_UNDER_TEST = ("incarnate", "pytest_forked")
+XDIST_PLUGINS = ("xdist", "xdist.looponfail")   # loaded only by the lines that use -n
 ALL_NAMESPACES = {"user", "mount", "pid", "net", "uts", "ipc", "cgroup"}
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|warnings?|deselected|rerun)")
 
@@ -145,11 +146,11 @@ def _venv_python(venv: Path) -> Path:
 
 
 def _venv_fits(venv: Path, pkg: Path) -> str:
-    """"" if the venv has pytest 8.x, pytest-forked and this checkout's pytest_incarnate."""
+    """"" if the venv has pytest 8.x, pytest-forked, pytest-xdist and this checkout's pytest_incarnate."""
     exe = _venv_python(venv)
     if not exe.exists():
         return "no venv"
-    code = ("import json, pytest, pytest_forked, pytest_incarnate, os; "
+    code = ("import json, pytest, pytest_forked, xdist, pytest_incarnate, os; "
             "print(json.dumps([pytest.__version__, os.path.realpath(os.path.dirname(pytest_incarnate.__file__))]))")
     try:
         out = subprocess.run([str(exe), "-c", code], capture_output=True, text=True, check=False, timeout=60,
@@ -174,7 +175,7 @@ def make_venv(venv: Path, fresh: bool, budget_s: float | None) -> str:
     if not fresh and not _venv_fits(venv, pkg):
         log(f"reusing the venv {venv}")
         return ""
-    log(f"creating the venv {venv} (pytest>=8,<9, pytest-forked)")
+    log(f"creating the venv {venv} (pytest>=8,<9, pytest-forked, pytest-xdist)")
     shutil.rmtree(venv, ignore_errors=True)
     deadline = time.monotonic() + budget_s if budget_s else None
 
@@ -192,7 +193,8 @@ def make_venv(venv: Path, fresh: bool, budget_s: float | None) -> str:
 
     why = step([sys.executable, "-m", "venv", str(venv)])
     exe = str(_venv_python(venv))
-    why = why or step([exe, "-m", "pip", "install", "-q", "pytest>=8,<9", "pytest-forked", "cffi", "filelock"])
+    why = why or step([exe, "-m", "pip", "install", "-q", "pytest>=8,<9", "pytest-forked", "pytest-xdist", "cffi",
+                       "filelock"])
     if why:
         shutil.rmtree(venv, ignore_errors=True)
         return f"the pytest 8 venv could not be created{' in time' if 'timed out' in why else ''}: {why}"
@@ -229,17 +231,35 @@ class Config:
     failures: list[str] = field(default_factory=list)
     summaries: list[str] = field(default_factory=list)
     isolation: dict[str, object] = field(default_factory=dict)
+    xdist: int = 0            # workers (-n); 0: none, and the venv's xdist plugin is not loaded
 
     def argv(self, extra: list[str] | None = None) -> list[str]:
         blocked = self.py.disabled() + [name for name in self.others if name in self.py.plugins]
+        if not self.xdist and self.py.key == "8":
+            blocked += [name for name in XDIST_PLUGINS if name in self.py.plugins]
         disable = [a for name in blocked for a in ("-p", f"no:{name}")]
-        return [self.py.exe, "-m", "pytest", "-q", "-p", "no:cacheprovider", *disable, *self.options,
+        workers = ["-n", str(self.xdist)] if self.xdist else []
+        return [self.py.exe, "-m", "pytest", "-q", "-p", "no:cacheprovider", *disable, *workers, *self.options,
                 *(extra or []), self.testfile]
 
 
-def make_configs(main: Python, venv: Python, specs: list[tuple[str, list[str]]] | None = None) -> list[Config]:
+def make_configs(main: Python, venv: Python, specs: list[tuple[str, list[str]]] | None = None,
+                 xdist: int = 0) -> list[Config]:
     """The lines; ``specs`` adds a pytest 8 ``--incarnate`` line for each (label, [KEY=VALUE...]),
-    run with those ``--incarnate-spec`` values (not checked for the full default isolation)."""
+    run with those ``--incarnate-spec`` values (not checked for the full default isolation);
+    ``xdist`` adds plain, ``--forked`` and ``--incarnate`` lines on pytest 8 with that many
+    workers, each compared with the plain line under xdist."""
+    if xdist:
+        n = f" -n {xdist}"
+        extra_x = [
+            Config("plain8n", "plain" + n, venv, [], "test_trivial.py", "", xdist=xdist),
+            Config("forked8n", "--forked" + n, venv, ["--forked"], "test_trivial.py", "plain8n",
+                   others=("incarnate",), xdist=xdist),
+            Config("incarnate8n", "--incarnate" + n, venv, ["--incarnate"], "test_trivial.py", "plain8n",
+                   incarnate=True, others=("pytest_forked",), xdist=xdist),
+        ]
+    else:
+        extra_x = []
     extra = [Config(f"spec{i}8", f"--incarnate {label}", venv,
                     ["--incarnate", *[a for kv in kvs for a in ("--incarnate-spec", kv)]],
                     "test_trivial.py", "plain8", others=("pytest_forked",))
@@ -254,6 +274,7 @@ def make_configs(main: Python, venv: Python, specs: list[tuple[str, list[str]]] 
         Config("incarnate8", "--incarnate", venv, ["--incarnate"], "test_trivial.py", "plain8", incarnate=True,
                others=("pytest_forked",)),
         *extra,
+        *extra_x,
     ]
 
 
@@ -385,8 +406,9 @@ def summarize(configs: list[Config], n: int) -> dict[str, dict[str, object]]:
                          overhead_max_ms=max(over), overhead_min_ms=min(over))
         out[cfg.key] = d
     for field_, ratio in (("overhead_median_ms", "ratio_to_forked"), ("cpu_overhead_median_ms", "cpu_ratio_to_forked")):
-        ref = out.get("forked8", {}).get(field_)
-        for d in out.values():
+        for key, d in out.items():
+            # lines under xdist against pytest-forked under xdist, the others against pytest-forked
+            ref = out.get("forked8n" if key.endswith("8n") else "forked8", {}).get(field_)
             med = d.get(field_)
             d[ratio] = (med / ref) if isinstance(med, float) and isinstance(ref, float) and ref > 0 else None
     return out
@@ -495,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=VENV, help=f"the pytest 8 venv (default {VENV})")
     ap.add_argument("--fresh-venv", action="store_true", help="rebuild the pytest 8 venv even if it fits")
     ap.add_argument("--no-venv", action="store_true", help="leave out the pytest 8 lines (--forked among them)")
+    ap.add_argument("--xdist", type=int, default=0, metavar="N",
+                    help="also plain, --forked and --incarnate on pytest 8 with -n N (each against plain -n N)")
     ap.add_argument("--spec", action="append", default=[], metavar="LABEL:KEY=VALUE[;KEY=VALUE...]",
                     help="one more pytest 8 --incarnate line, with these --incarnate-spec values "
                          "(e.g. 'no net:namespaces=user,mount,pid,uts,ipc,cgroup'); may be repeated")
@@ -533,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         except Timeout:
             venv_py.skipped = f"another run held {lock.lock_file} (building the venv) for {lock.timeout:.0f} s"
         venv_py.skipped = venv_py.skipped or inspect_python(venv_py)
-    configs = make_configs(main_py, venv_py, specs)
+    configs = make_configs(main_py, venv_py, specs, args.xdist)
     for cfg in configs:
         if cfg.py.skipped:
             cfg.skipped = cfg.py.skipped
