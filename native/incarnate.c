@@ -1577,6 +1577,31 @@ static int direct_threads(void)
     return n;
 }
 
+#if INC_RAW_SYSCALLS
+/* After start() of a directly started init (r: its result), in the caller: a live init is
+ * registered before the caller can run any code of its own, and the caller keeps none of its
+ * descriptors (the payload, or the copy that joins, reads its own upper layers); an init that
+ * cleared the memory's dumpable flag and then failed (start reaped it) gives the flag back.
+ * Then the caller's signal mask comes back. */
+static void direct_started(int r, struct vm_ctx *vm, struct inc_result *res, void *mem)
+{
+    if (r == 0) {
+        if (direct_n == 0)
+            direct_saved_dumpable = vm->cx.dumpable;
+        direct_live[direct_n].pid = res->pid;
+        direct_live[direct_n].status_fd = res->status_fd;
+        direct_live[direct_n].mem = mem;
+        direct_n++;
+        close_if(&res->pidfd);
+        close_if(&res->hold_fd);
+        res->status_fd = -1;   /* the registry's */
+    } else if (direct_n == 0 && vm->cx.dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0) {
+        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+    }
+    sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
+}
+#endif
+
 int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem)
 {
 #if INC_RAW_SYSCALLS
@@ -1602,22 +1627,7 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
         return 1;
     }
     int r = start(spec, res, 1, vm);
-    if (r == 0) {
-        /* the init lives: registered before the caller can run any code of its own */
-        if (direct_n == 0)
-            direct_saved_dumpable = vm->cx.dumpable;
-        direct_live[direct_n].pid = res->pid;
-        direct_live[direct_n].status_fd = res->status_fd;
-        direct_live[direct_n].mem = mem;
-        direct_n++;
-        close_if(&res->pidfd);
-        close_if(&res->hold_fd);   /* the payload reads its own upper layers */
-        res->status_fd = -1;        /* the registry's */
-    } else if (direct_n == 0 && vm->cx.dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0) {
-        /* the init cleared the flag, then failed to fork the payload (start reaped it) */
-        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
-    }
-    sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
+    direct_started(r, vm, res, mem);
     return r < 0 ? -1 : 0;
 #else
     (void)spec;
@@ -1655,20 +1665,7 @@ int inc_hold_direct(const struct inc_spec *spec, struct inc_result *res, void *m
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
     int r = start(spec, res, 1, vm);
-    if (r == 0) {
-        if (direct_n == 0)
-            direct_saved_dumpable = vm->cx.dumpable;
-        direct_live[direct_n].pid = res->pid;
-        direct_live[direct_n].status_fd = res->status_fd;
-        direct_live[direct_n].mem = mem;
-        direct_n++;
-        close_if(&res->pidfd);
-        close_if(&res->hold_fd);   /* the joining copy takes its own (inc_join) */
-        res->status_fd = -1;
-    } else if (direct_n == 0 && vm->cx.dumpable == 1 && prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0) {
-        prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
-    }
-    sigprocmask(SIG_SETMASK, &vm->cx.oldmask, NULL);
+    direct_started(r, vm, res, mem);
     return r < 0 ? -1 : 0;
 #else
     (void)spec;

@@ -458,16 +458,37 @@ def _addr(p: Any) -> int:
     return int(ffi.cast("uintptr_t", p))
 
 
+def _direct_stack(native: Native) -> Any:
+    """Memory for a directly started init (its stack, its context), or None when 64 inits
+    are live (the caller then forks a monitor)."""
+    mem = lib.inc_direct_new()
+    if mem == ffi.NULL:
+        if ffi.errno == errno.EAGAIN:
+            return None
+        raise CloneFailed(ffi.errno or errno.ENOMEM, tuple(native.ns))
+    return mem
+
+
+def _abandon_direct(mem: Any, res: Any) -> None:
+    """An interrupt in a direct start: an init that was started (it is in the registry) is
+    killed, to be reaped later; otherwise its memory is freed."""
+    if lib.inc_direct_owns(mem):
+        try:
+            os.kill(res.pid, 9)
+        except ProcessLookupError:
+            pass
+    else:
+        lib.inc_direct_free(mem)
+
+
 def enter_direct(native: Native, spec: Any) -> DirectStarted | None | Literal[False]:
     """Enter the sandbox from this process without forking it first.  Returns None in the
     payload; in the caller, the started init, or False when this process is not (or no
     longer) single-threaded or 64 inits are live (fork a monitor instead).  Raises the
     typed error if setup failed, with nothing left behind."""
-    mem = lib.inc_direct_new()
-    if mem == ffi.NULL:
-        if ffi.errno == errno.EAGAIN:
-            return False
-        raise CloneFailed(ffi.errno or errno.ENOMEM, tuple(native.ns))
+    mem = _direct_stack(native)
+    if mem is None:
+        return False
     res = ffi.new("struct inc_result *")
     me = os.getpid()
     stage_fd = -1
@@ -483,13 +504,7 @@ def enter_direct(native: Native, spec: Any) -> DirectStarted | None | Literal[Fa
     except BaseException:
         if os.getpid() != me:  # pragma: no cover - the payload never runs the caller's code
             os._exit(70)
-        if lib.inc_direct_owns(mem):  # started, then interrupted: end it (reaped later)
-            try:
-                os.kill(res.pid, 9)
-            except ProcessLookupError:
-                pass
-        else:
-            lib.inc_direct_free(mem)
+        _abandon_direct(mem, res)
         if stage_fd >= 0:
             os.close(stage_fd)
         raise
@@ -508,24 +523,16 @@ def hold_direct(native: Native, spec: Any) -> DirectStarted | Literal[False]:
     process, whatever its threads (``inc_hold_direct``); it is the core's until
     ``direct_reap``.  False when 64 inits are live.  Raises the typed error if the setup
     failed, with nothing left behind."""
-    mem = lib.inc_direct_new()
-    if mem == ffi.NULL:
-        if ffi.errno == errno.EAGAIN:
-            return False
-        raise CloneFailed(ffi.errno or errno.ENOMEM, tuple(native.ns))
+    mem = _direct_stack(native)
+    if mem is None:
+        return False
     res = ffi.new("struct inc_result *")
     stage_fd = -1
     try:
         stage_fd = _test_stage_before_clone(spec) if _TEST_STAGE is not None else -1
         rc = lib.inc_hold_direct(spec, res, mem)
     except BaseException:
-        if lib.inc_direct_owns(mem):
-            try:
-                os.kill(res.pid, 9)
-            except ProcessLookupError:
-                pass
-        else:
-            lib.inc_direct_free(mem)
+        _abandon_direct(mem, res)
         raise
     finally:
         if stage_fd >= 0:

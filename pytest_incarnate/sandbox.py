@@ -1199,6 +1199,26 @@ def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = 
     return result
 
 
+def _child_enters(r: int, w: int, unblock: Callable[[], None], enter: Callable[[], None], sandbox: Sandbox,
+                  native: Native, body: Callable[[], Any]) -> NoReturn:
+    """In a child forked for a call: drop the parent's end of the result pipe, let signals
+    in, enter the sandbox (``enter``: as its monitor, or joining a held one), then run the
+    payload.  A typed setup error goes back to the parent as the call's result."""
+    try:
+        os.close(r)
+        unblock()
+        cgroups.Run.forget_in_child()
+        enter()
+    except IncarnateError as e:
+        try:
+            _write_all(w, pickle.dumps(("setup", e)))
+        finally:
+            os._exit(0)
+    except BaseException:
+        os._exit(70)
+    _payload_main(sandbox, native, body, w)
+
+
 def _payload_main(sandbox: Sandbox, native: Native, body: Callable[[], Any], w: int) -> NoReturn:
     """In the payload: run ``body``, ship its outcome and the upper layers' entries, exit."""
     code = 70
@@ -1314,20 +1334,12 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                     _end_held(held)
                     raise
                 if pid == 0:  # pragma: no cover - runs in the child
-                    try:
-                        os.close(r)
-                        unblock()
-                        cgroups.Run.forget_in_child()
+
+                    def join() -> None:
                         _ffi.join(native, cspec, pidfd, _join_flags(native))
                         os.close(pidfd)
-                    except IncarnateError as e:
-                        try:
-                            _write_all(w, pickle.dumps(("setup", e)))
-                        finally:
-                            os._exit(0)
-                    except BaseException:
-                        os._exit(70)
-                    _payload_main(sandbox, native, body, w)
+
+                    _child_enters(r, w, unblock, join, sandbox, native, body)
                 os.close(pidfd)
         if direct:
             got = _ffi.enter_direct(native, cspec)
@@ -1350,19 +1362,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
                     pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
-                try:
-                    os.close(r)
-                    unblock()
-                    cgroups.Run.forget_in_child()
-                    _ffi.enter(native, cspec)
-                except IncarnateError as e:
-                    try:
-                        _write_all(w, pickle.dumps(("setup", e)))
-                    finally:
-                        os._exit(0)
-                except BaseException:
-                    os._exit(70)
-                _payload_main(sandbox, native, body, w)
+                _child_enters(r, w, unblock, lambda: _ffi.enter(native, cspec), sandbox, native, body)
         os.close(w)
         w = -1
     except BaseException:
