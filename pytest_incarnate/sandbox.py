@@ -1327,12 +1327,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
                 native = dataclasses.replace(native, expect_ppid=os.getpid(), hold_init=False)
                 cspec = native.build()
             else:
-                held = started
-                try:
-                    pid, pidfd = _fork_into(held.pid)
-                except BaseException:
-                    _end_held(held)
-                    raise
+                held = started  # ended by the handler below if anything fails from here
+                pid, pidfd = _fork_into(held.pid)
                 if pid == 0:  # pragma: no cover - runs in the child
 
                     def join() -> None:
