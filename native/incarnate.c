@@ -639,8 +639,7 @@ static void child_init_loop_raw(const struct inc_child *cx, pid_t payload)
         if (sig < 0)
             continue;   /* -EINTR */
         if (sig != SIGCHLD) {
-            if (payload > 0)
-                raw_sys(SYS_kill, payload, sig, 0, 0);
+            raw_sys(SYS_kill, payload, sig, 0, 0);
             continue;
         }
         for (;;) {
@@ -677,8 +676,7 @@ static void child_init_loop(const struct inc_child *cx, pid_t payload)
         if (sig < 0)
             continue;   /* EINTR */
         if (sig != SIGCHLD) {
-            if (payload > 0)   /* a holding init (payload -1) has nobody to forward to */
-                kill(payload, sig);
+            kill(payload, sig);
             continue;
         }
         for (;;) {
@@ -877,7 +875,10 @@ static void child_main(const struct inc_spec *spec, struct inc_child *cx, int en
                     child_fail(cx, INC_STEP_INIT_FORK, errno, -1);
             }
             child_close_all_but(cx->status_w, cx->hold_fd, cx->shared_vm);
-            child_init_loop(cx, -1);
+            /* The copy that joins is the first process after the init: pid 2, the payload,
+             * to which the init forwards the signals it gets (not its child: never reaped
+             * here, so the init never exits for it). */
+            child_init_loop(cx, 2);
         }
         if (!enter && spec->argv != NULL) {
             /* Spawn mode: the payload shares the init's memory until it execs (vfork

@@ -1021,14 +1021,40 @@ def reap_pending(block: bool = True) -> None:
         if done == 0:
             keep.append(pid)
     _PENDING[:] = keep
+    for init, copy in list(_HELD_COPIES.items()):
+        if copy not in keep:
+            del _HELD_COPIES[init]
     if _ffi.direct_live():
         while _ffi.direct_reap(-1, nohang=not block)[0] > 0:
             pass
+        if _ffi.direct_live() > _PENDING_MAX:
+            # A held init ends only once the copy that joined it is reaped (its pid stays
+            # allocated in the init's namespace until then): reap those first, or the wait
+            # below would never end.
+            for copy in _HELD_COPIES.values():
+                _reap_copy(copy)
+                _PENDING.remove(copy)
+            _HELD_COPIES.clear()
         while _ffi.direct_live() > _PENDING_MAX:
             _ffi.direct_reap(-1)
 
 
 atexit.register(reap_pending)
+
+# Held inits (the core's registry) whose joined copy (in _PENDING) is not reaped yet.
+_HELD_COPIES: dict[int, int] = {}
+
+
+def _reap_copy(pid: int, kill: bool = False) -> None:
+    if kill:
+        try:
+            os.kill(pid, _signal.SIGKILL)
+        except ProcessLookupError:  # pragma: no cover - it is this process's child until reaped
+            pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 _ALL_SIGNALS = frozenset(int(s) for s in _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
@@ -1320,6 +1346,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         raise
     init: _ffi.DirectStarted | None = None
     held: _ffi.DirectStarted | None = None  # "join": the init holding the sandbox the child joined
+    copy = -1  # "join": the child, once forked (the held init cannot end before it is reaped)
     try:
         if mode == "join":
             started = _ffi.hold_direct(native, cspec)
@@ -1329,6 +1356,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             else:
                 held = started  # ended by the handler below if anything fails from here
                 pid, pidfd = _fork_into(held.pid)
+                copy = pid
                 if pid == 0:  # pragma: no cover - runs in the child
 
                     def join() -> None:
@@ -1368,6 +1396,8 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
         if w >= 0:
             os.close(w)
         if held is not None:
+            if copy > 0:
+                _reap_copy(copy, kill=True)
             _end_held(held)
         unblock()
         raise
@@ -1430,6 +1460,7 @@ def _run_forked(sandbox: Sandbox, p: Plan, cg: cgroups.SandboxCgroup | None, bod
             else:
                 _ffi.direct_drop_status(init.pid)
             if held is not None:
+                _HELD_COPIES[held.pid] = pid
                 _end_held(held, reap=False)
             reaped = True
     finally:

@@ -499,7 +499,18 @@ def test_alive_after():
 """
 
 
-def test_sigterm_self_is_reported_as_sigterm_in_a_sandboxed_test(pytester: pytest.Pytester, leak_check) -> None:
+@pytest.mark.parametrize("path", ["direct", "join"])
+def test_sigterm_self_is_reported_as_sigterm_in_a_sandboxed_test(
+    path: str, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, leak_check
+) -> None:
+    """Both ways a sandboxed test starts (direct enter; a held sandbox joined, as from an
+    xdist worker): the init forwards a SIGTERM to the test, pid 2, which dies of it."""
+    from pytest_incarnate import sandbox as sandbox_module
+
+    if path == "join":
+        if os.geteuid() != 0:
+            pytest.skip("joining a held sandbox needs root")
+        monkeypatch.setattr(sandbox_module, "DIRECT", False)
     pytester.makepyfile(TERM_SUITE)
     result = pytester.runpytest("--incarnate", "-p", "no:cacheprovider", "-rf")
     result.assert_outcomes(passed=1, failed=2)
