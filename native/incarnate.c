@@ -1603,6 +1603,18 @@ static void direct_started(int r, struct vm_ctx *vm, struct inc_result *res, voi
 }
 #endif
 
+#if !INC_RAW_SYSCALLS
+/* Without raw system calls (AddressSanitizer, other architectures) no init may share the
+ * caller's memory: the callers fork a monitor instead. */
+static int direct_unsupported(struct inc_result *res)
+{
+    res->step = INC_STEP_CLONE;
+    res->err = ENOSYS;
+    res->op_index = -1;
+    return -1;
+}
+#endif
+
 int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *mem)
 {
 #if INC_RAW_SYSCALLS
@@ -1633,10 +1645,7 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
 #else
     (void)spec;
     (void)mem;
-    res->step = INC_STEP_CLONE;
-    res->err = ENOSYS;
-    res->op_index = -1;
-    return -1;
+    return direct_unsupported(res);
 #endif
 }
 
@@ -1671,10 +1680,7 @@ int inc_hold_direct(const struct inc_spec *spec, struct inc_result *res, void *m
 #else
     (void)spec;
     (void)mem;
-    res->step = INC_STEP_CLONE;
-    res->err = ENOSYS;
-    res->op_index = -1;
-    return -1;
+    return direct_unsupported(res);
 #endif
 }
 
