@@ -1579,6 +1579,24 @@ static int direct_threads(void)
 }
 
 #if INC_RAW_SYSCALLS
+/* Before start() of a directly started init, in the caller: its context above its stack in
+ * mem, the caller's alternate signal stack and signal mask saved, every signal blocked (no
+ * handler of the caller's runs while the init shares its memory). */
+static struct vm_ctx *direct_begin(const struct inc_spec *spec, struct inc_result *res, void *mem)
+{
+    struct vm_ctx *vm = direct_ctx(mem);
+    memset(vm, 0, sizeof *vm);
+    vm->spec = spec;
+    vm->res = res;
+    vm->cx.dumpable = -1;
+    vm->stack_top = (char *)((uintptr_t)vm & ~(uintptr_t)15);   /* grows down, toward the guard page */
+    sigaltstack(NULL, &vm->altstack);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
+    return vm;
+}
+
 /* After start() of a directly started init (r: its result), in the caller: a live init is
  * registered before the caller can run any code of its own, and the caller keeps none of its
  * descriptors (the payload, or the copy that joins, reads its own upper layers); an init that
@@ -1622,16 +1640,7 @@ int inc_enter_direct(const struct inc_spec *spec, struct inc_result *res, void *
         res->step = 0;
         return 2;   /* not single-threaded (now): the caller forks a monitor instead */
     }
-    struct vm_ctx *vm = direct_ctx(mem);
-    memset(vm, 0, sizeof *vm);
-    vm->spec = spec;
-    vm->res = res;
-    vm->cx.dumpable = -1;
-    vm->stack_top = (char *)((uintptr_t)vm & ~(uintptr_t)15);   /* grows down, toward the guard page */
-    sigaltstack(NULL, &vm->altstack);
-    sigset_t all;
-    sigfillset(&all);
-    sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
+    struct vm_ctx *vm = direct_begin(spec, res, mem);
     vm_cur = vm;
     if (__builtin_setjmp(vm->jb)) {
         vm_payload_landed();   /* the payload (see vm_init_main): nothing of the registry is its */
@@ -1665,15 +1674,7 @@ int inc_hold_direct(const struct inc_spec *spec, struct inc_result *res, void *m
         res->op_index = -1;
         return -1;
     }
-    struct vm_ctx *vm = direct_ctx(mem);
-    memset(vm, 0, sizeof *vm);
-    vm->spec = spec;
-    vm->res = res;
-    vm->cx.dumpable = -1;
-    vm->stack_top = (char *)((uintptr_t)vm & ~(uintptr_t)15);
-    sigset_t all;
-    sigfillset(&all);
-    sigprocmask(SIG_SETMASK, &all, &vm->cx.oldmask);
+    struct vm_ctx *vm = direct_begin(spec, res, mem);
     int r = start(spec, res, 1, vm);
     direct_started(r, vm, res, mem);
     return r < 0 ? -1 : 0;

@@ -946,6 +946,13 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_ini
     ``_await_killed`` once the monitor is reaped.  ``monitor`` is the process above the init,
     or the init itself (``monitor_above_init`` false: direct enter)."""
     inside = _descendants(monitor)  # the init and everything below it (or what is below the init)
+    pidfds = _kill_processes(monitor, inside, cg)  # the init dies with the monitor (parent-death signal)
+    return (max(0, len(inside) - 1) if monitor_above_init else len(inside)), pidfds
+
+
+def _kill_processes(first: int, inside: list[int], cg: cgroups.SandboxCgroup | None) -> list[int]:
+    """SIGKILL what is left in ``cg``, then ``first`` (whose death ends the rest), then each of
+    ``inside``, after taking a pidfd of each of those: the pidfds."""
     pidfds = []
     for p in inside:
         try:
@@ -955,7 +962,7 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_ini
     try:
         if cg is not None:
             cg.kill_all()
-        os.kill(monitor, _signal.SIGKILL)  # the init dies with it (parent-death signal), then the rest
+        os.kill(first, _signal.SIGKILL)
         for p in inside:
             try:
                 os.kill(p, _signal.SIGKILL)
@@ -964,7 +971,7 @@ def _kill_tree(monitor: int, cg: cgroups.SandboxCgroup | None, monitor_above_ini
     except BaseException:
         _await_killed(pidfds, 0.0)
         raise
-    return (max(0, len(inside) - 1) if monitor_above_init else len(inside)), pidfds
+    return pidfds
 
 
 def _await_killed(pidfds: list[int], timeout: float = 5.0) -> None:
@@ -1151,8 +1158,7 @@ def _fork_into(init_pid: int) -> tuple[int, int]:
                 with setup_step("join", detail="returning to this thread's own pid namespace for its children"):
                     _own_pidns()
             except BaseException:
-                os.kill(pid, _signal.SIGKILL)
-                os.waitpid(pid, 0)
+                _reap_copy(pid, kill=True)
                 raise
         return pid, pidfd
     except BaseException:
@@ -1190,18 +1196,7 @@ def _kill_joined(pid: int, init_pid: int) -> tuple[int, list[int]]:
     started, and the init with everything else in its pid namespace.  (How many processes
     there were, not counting the init; a pidfd of each, for ``_await_killed``.)"""
     inside = [pid, *_descendants(pid), *[q for q in _descendants(init_pid) if q != pid]]
-    pidfds = []
-    for q in inside:
-        try:
-            pidfds.append(os.pidfd_open(q))
-        except OSError:
-            pass
-    for q in (init_pid, *inside):
-        try:
-            os.kill(q, _signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(inside), pidfds
+    return len(inside), _kill_processes(init_pid, inside, None)
 
 
 def forked_enter(sandbox: Sandbox, body: Callable[[], Any], plan: Plan | None = None,
